@@ -1,0 +1,205 @@
+"""COSE_Sign1 and COSE_Mac0 (RFC 9052 §4.2, §6.2; algorithms RFC 9053), written on `cryptography`.
+
+Signing: ES256 (P-256, SHA-256, raw r‖s). Verifying: ES256, ES384 and EdDSA (Ed25519). MAC:
+HMAC 256/256. The algorithm is read from the protected header only, and the hash follows the
+algorithm, not the curve. Messages may be tagged (18, 17) or untagged; trailing bytes, an unknown
+algorithm, a wrong tag or a wrong signature size are ``MalformedMessage``; a signature or tag that
+does not verify is ``InvalidSignature``, whatever the reason.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Final
+
+from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+
+from protocol import cbor
+from protocol.errors import InvalidSignature, MalformedMessage
+
+TAG_SIGN1: Final = 18
+TAG_MAC0: Final = 17
+HEADER_ALG: Final = 1
+HEADER_KID: Final = 4
+MAX_MESSAGE_BYTES: Final = 64 << 20
+
+PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+
+
+class Algorithm(IntEnum):
+    """COSE algorithm identifiers this module knows (IANA COSE Algorithms)."""
+
+    ES256 = -7
+    ES384 = -35
+    EDDSA = -8
+    HMAC_256_256 = 5
+
+
+_ECDSA: Final = {
+    Algorithm.ES256: (hashes.SHA256, 32),
+    Algorithm.ES384: (hashes.SHA384, 48),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CoseMessage:
+    """A parsed, *unverified* COSE_Sign1 or COSE_Mac0: what the bytes say, not what is true."""
+
+    protected_bytes: bytes
+    alg: Algorithm
+    kid: bytes | None
+    payload: bytes
+    signature: bytes
+
+
+def sign1_create(
+    payload: bytes,
+    key: ec.EllipticCurvePrivateKey,
+    *,
+    external_aad: bytes = b"",
+    kid: bytes | None = None,
+    tagged: bool = True,
+) -> bytes:
+    """Sign ``payload`` as a COSE_Sign1 with ES256 (protected header ``{1: -7}``).
+
+    Raises:
+        TypeError: ``key`` is not a P-256 private key.
+    """
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise TypeError("sign1_create needs a P-256 private key (ES256)")
+    protected = cbor.dumps({HEADER_ALG: int(Algorithm.ES256)})
+    to_be_signed = _sig_structure(protected, external_aad, payload)
+    r, s = decode_dss_signature(key.sign(to_be_signed, ec.ECDSA(hashes.SHA256())))
+    signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    unprotected: dict[int, object] = {} if kid is None else {HEADER_KID: kid}
+    body = [protected, unprotected, payload, signature]
+    return cbor.dumps(cbor.tagged(TAG_SIGN1, body) if tagged else body)
+
+
+def sign1_parse_unverified(message: bytes) -> CoseMessage:
+    """Parse a COSE_Sign1 (tagged or not) without verifying it.
+
+    Raises:
+        MalformedMessage: not a well-formed COSE_Sign1 with a known signature algorithm.
+    """
+    parsed = _parse(message, TAG_SIGN1, "COSE_Sign1")
+    if parsed.alg is Algorithm.HMAC_256_256:
+        raise MalformedMessage("COSE_Sign1: algorithm 5 (HMAC 256/256) is a MAC, not a signature")
+    return parsed
+
+
+def sign1_verify(message: bytes, key: PublicKey, *, external_aad: bytes = b"") -> bytes:
+    """Verify a COSE_Sign1 under ``key`` and return its payload.
+
+    Raises:
+        MalformedMessage: the message is not a well-formed COSE_Sign1.
+        InvalidSignature: the signature does not verify under ``key`` with this algorithm.
+    """
+    parsed = sign1_parse_unverified(message)
+    verify_parsed(parsed, key, external_aad=external_aad)
+    return parsed.payload
+
+
+def verify_parsed(parsed: CoseMessage, key: PublicKey, *, external_aad: bytes = b"") -> None:
+    """Verify the signature of an already parsed COSE_Sign1.
+
+    Raises:
+        InvalidSignature: the key does not fit the algorithm, or the signature does not verify.
+    """
+    to_be_signed = _sig_structure(parsed.protected_bytes, external_aad, parsed.payload)
+    try:
+        if parsed.alg is Algorithm.EDDSA:
+            if not isinstance(key, ed25519.Ed25519PublicKey):
+                raise InvalidSignature("COSE_Sign1: EdDSA needs an Ed25519 key")
+            key.verify(parsed.signature, to_be_signed)
+            return
+        hash_cls, size = _ECDSA[parsed.alg]
+        if not isinstance(key, ec.EllipticCurvePublicKey) or len(parsed.signature) != 2 * size:
+            raise InvalidSignature("COSE_Sign1: key or signature size does not fit the algorithm")
+        der = encode_dss_signature(
+            int.from_bytes(parsed.signature[:size], "big"),
+            int.from_bytes(parsed.signature[size:], "big"),
+        )
+        key.verify(der, to_be_signed, ec.ECDSA(hash_cls()))
+    except _CryptoInvalidSignature as err:
+        raise InvalidSignature("COSE_Sign1: signature does not verify") from err
+
+
+def mac0_create(
+    payload: bytes, key: bytes, *, external_aad: bytes = b"", tagged: bool = True
+) -> bytes:
+    """MAC ``payload`` as a COSE_Mac0 with HMAC 256/256 (protected header ``{1: 5}``)."""
+    protected = cbor.dumps({HEADER_ALG: int(Algorithm.HMAC_256_256)})
+    tag = _hmac(key, protected, external_aad, payload)
+    body = [protected, {}, payload, tag]
+    return cbor.dumps(cbor.tagged(TAG_MAC0, body) if tagged else body)
+
+
+def mac0_verify(message: bytes, key: bytes, *, external_aad: bytes = b"") -> bytes:
+    """Verify a COSE_Mac0 with HMAC 256/256 and return its payload.
+
+    Raises:
+        MalformedMessage: not a well-formed COSE_Mac0 with algorithm HMAC 256/256.
+        InvalidSignature: the tag does not verify under ``key``.
+    """
+    parsed = _parse(message, TAG_MAC0, "COSE_Mac0")
+    if parsed.alg is not Algorithm.HMAC_256_256:
+        raise MalformedMessage(f"COSE_Mac0: expected algorithm 5, got {int(parsed.alg)}")
+    expected = _hmac(key, parsed.protected_bytes, external_aad, parsed.payload)
+    if not hmac.compare_digest(expected, parsed.signature):
+        raise InvalidSignature("COSE_Mac0: tag does not verify")
+    return parsed.payload
+
+
+def mac0_tag_over(
+    protected_bytes: bytes, payload: bytes, key: bytes, external_aad: bytes = b""
+) -> bytes:
+    """The HMAC 256/256 tag over exact protected and payload bytes (for byte-exact vectors)."""
+    return _hmac(key, protected_bytes, external_aad, payload)
+
+
+def _hmac(key: bytes, protected: bytes, external_aad: bytes, payload: bytes) -> bytes:
+    mac_structure = cbor.dumps(["MAC0", protected, external_aad, payload])
+    return hmac.digest(key, mac_structure, "sha256")
+
+
+def _sig_structure(protected: bytes, external_aad: bytes, payload: bytes) -> bytes:
+    return cbor.dumps(["Signature1", protected, external_aad, payload])
+
+
+def _parse(message: bytes, tag: int, what: str) -> CoseMessage:
+    obj = cbor.untag(
+        cbor.loads(message, what=what, max_bytes=MAX_MESSAGE_BYTES), tag, what=what, required=False
+    )
+    protected_bytes, unprotected, payload, signature = cbor.expect_list(obj, what=what, length=4)
+    protected_bytes = cbor.expect_bytes(protected_bytes, what=f"{what}.protected")
+    headers = cbor.Fields(
+        cbor.loads(protected_bytes, what=f"{what}.protected") if protected_bytes else {},
+        what=f"{what}.protected",
+    )
+    unprotected_fields = cbor.Fields(unprotected, what=f"{what}.unprotected")
+    if HEADER_ALG in unprotected_fields:
+        raise MalformedMessage(f"{what}: the algorithm must be in the protected header")
+    alg_id = headers.get_int(HEADER_ALG)
+    try:
+        alg = Algorithm(alg_id)
+    except ValueError as err:
+        raise MalformedMessage(f"{what}: unsupported algorithm {alg_id}") from err
+    kid = unprotected_fields.opt_bytes(HEADER_KID, max_size=256)
+    if payload is None:
+        raise MalformedMessage(f"{what}: detached payloads are not supported")
+    return CoseMessage(
+        protected_bytes=protected_bytes,
+        alg=alg,
+        kid=kid,
+        payload=cbor.expect_bytes(payload, what=f"{what}.payload"),
+        signature=cbor.expect_bytes(signature, what=f"{what}.signature", max_size=512),
+    )

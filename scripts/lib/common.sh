@@ -1,0 +1,46 @@
+# Shared helpers for scripts/*: sourced, not run.
+# shellcheck shell=bash
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+
+say() { printf '\033[1m%s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# ensure_venv EXTRAS: create .venv when missing; (re)install the project when pyproject.toml changed.
+ensure_venv() {
+  local extras=$1 stamp want
+  if [ ! -x "$PY" ]; then
+    local base
+    base=$(command -v python3.13 || command -v python3.12 || command -v python3.11 || command -v python3) \
+      || die "python3 (3.11 or newer) is not installed"
+    "$base" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+      || die "$base is older than Python 3.11; install Python 3.11+"
+    say "creating .venv with $base"
+    "$base" -m venv "$VENV" || die "python venv failed (on Debian: apt-get install python3-venv)"
+  fi
+  stamp="$VENV/.edgeseal-installed"
+  want="$extras $(sha256sum "$ROOT/pyproject.toml" | cut -c1-64)"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    say "installing edgeseal[$extras] into .venv"
+    "$PY" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
+    "$PY" -m pip install -q --disable-pip-version-check -e "$ROOT[$extras]" \
+      || die "pip install failed (see above)"
+    printf '%s' "$want" > "$stamp"
+  fi
+}
+
+# ensure_mosquitto: the broker binary on PATH, installed with apt when we are root.
+ensure_mosquitto() {
+  command -v mosquitto >/dev/null 2>&1 && return 0
+  [ -x /usr/sbin/mosquitto ] && { export PATH="$PATH:/usr/sbin"; return 0; }
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing mosquitto with apt-get"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto) >/dev/null \
+      || say "apt-get could not install mosquitto"
+  fi
+  command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] && { export PATH="$PATH:/usr/sbin"; return 0; }
+  say "mosquitto is not installed: broker tests will skip (install the 'mosquitto' package)"
+  [ "${CI:-}" = true ] && die "CI=true and no mosquitto: refusing to skip the broker tests"
+  return 0
+}
