@@ -10,6 +10,7 @@ does not verify is ``InvalidSignature``, whatever the reason.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final
@@ -43,6 +44,8 @@ class Algorithm(IntEnum):
     HMAC_256_256 = 5
 
 
+_PROTECTED_ES256: Final = cbor.dumps({HEADER_ALG: int(Algorithm.ES256)})
+
 _ECDSA: Final = {
     Algorithm.ES256: (hashes.SHA256, 32),
     Algorithm.ES384: (hashes.SHA384, 48),
@@ -60,9 +63,29 @@ class CoseMessage:
     signature: bytes
 
 
+#: Signs the exact bytes given with ES256 and returns the raw 64-byte r‖s (for HSM-held keys).
+Es256Signer = Callable[[bytes], bytes]
+
+
+def es256_signer(key: ec.EllipticCurvePrivateKey) -> Es256Signer:
+    """An ``Es256Signer`` over a P-256 private key held in memory.
+
+    Raises:
+        TypeError: ``key`` is not a P-256 private key.
+    """
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise TypeError("ES256 needs a P-256 private key")
+
+    def sign(data: bytes) -> bytes:
+        r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
+        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+    return sign
+
+
 def sign1_create(
     payload: bytes,
-    key: ec.EllipticCurvePrivateKey,
+    key: ec.EllipticCurvePrivateKey | Es256Signer,
     *,
     external_aad: bytes = b"",
     kid: bytes | None = None,
@@ -70,15 +93,16 @@ def sign1_create(
 ) -> bytes:
     """Sign ``payload`` as a COSE_Sign1 with ES256 (protected header ``{1: -7}``).
 
+    ``key`` is a P-256 private key or an ``Es256Signer`` (a KMS or HSM).
+
     Raises:
-        TypeError: ``key`` is not a P-256 private key.
+        TypeError: ``key`` is neither a P-256 private key nor a callable signer.
     """
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise TypeError("sign1_create needs a P-256 private key (ES256)")
-    protected = cbor.dumps({HEADER_ALG: int(Algorithm.ES256)})
-    to_be_signed = _sig_structure(protected, external_aad, payload)
-    r, s = decode_dss_signature(key.sign(to_be_signed, ec.ECDSA(hashes.SHA256())))
-    signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    signer = key if callable(key) else es256_signer(key)
+    protected = _PROTECTED_ES256
+    signature = signer(_sig_structure(protected, external_aad, payload))
+    if len(signature) != 64:
+        raise ValueError(f"ES256 signer returned {len(signature)} bytes, expected 64 (raw r‖s)")
     unprotected: dict[int, object] = {} if kid is None else {HEADER_KID: kid}
     body = [protected, unprotected, payload, signature]
     return cbor.dumps(cbor.tagged(TAG_SIGN1, body) if tagged else body)
