@@ -44,3 +44,17 @@ ensure_mosquitto() {
   [ "${CI:-}" = true ] && die "CI=true and no mosquitto: refusing to skip the broker tests"
   return 0
 }
+
+# ensure_softhsm: SoftHSM2 for the PKCS#11 KMS tests, installed with apt when we are root.
+ensure_softhsm() {
+  command -v softhsm2-util >/dev/null 2>&1 && [ -e /usr/lib/softhsm/libsofthsm2.so ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing softhsm2 with apt-get"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2) >/dev/null \
+      || say "apt-get could not install softhsm2"
+  fi
+  command -v softhsm2-util >/dev/null 2>&1 && return 0
+  say "softhsm2 is not installed: PKCS#11 KMS tests will skip (install the 'softhsm2' package)"
+  [ "${CI:-}" = true ] && die "CI=true and no softhsm2: refusing to skip the PKCS#11 tests"
+  return 0
+}

@@ -1,0 +1,1 @@
+"""Benchmarks for ``scripts/bench``: each prints its figures beside the primitives beneath."""
