@@ -1,6 +1,6 @@
 """COSE_Sign1 and COSE_Mac0 (RFC 9052 §4.2, §6.2; algorithms RFC 9053), written on `cryptography`.
 
-Signing: ES256 (P-256, SHA-256, raw r‖s). Verifying: ES256, ES384 and EdDSA (Ed25519). MAC:
+Signing: ES256 (P-256, SHA-256, raw r‖s). Verifying: ES256, ES384, ES512 and EdDSA (Ed25519). MAC:
 HMAC 256/256. The algorithm is read from the protected header only, and the hash follows the
 algorithm, not the curve. Messages may be tagged (18, 17) or untagged; trailing bytes, an unknown
 algorithm, a wrong tag or a wrong signature size are ``MalformedMessage``; a signature or tag that
@@ -40,15 +40,30 @@ class Algorithm(IntEnum):
 
     ES256 = -7
     ES384 = -35
+    ES512 = -36
     EDDSA = -8
     HMAC_256_256 = 5
 
 
 _PROTECTED_ES256: Final = cbor.dumps({HEADER_ALG: int(Algorithm.ES256)})
+#: The protected headers we write, recognised without decoding them again (the hot path).
+_KNOWN_PROTECTED: Final = {
+    _PROTECTED_ES256: Algorithm.ES256,
+    cbor.dumps({HEADER_ALG: int(Algorithm.HMAC_256_256)}): Algorithm.HMAC_256_256,
+}
 
 _ECDSA: Final = {
     Algorithm.ES256: (hashes.SHA256, 32),
     Algorithm.ES384: (hashes.SHA384, 48),
+    Algorithm.ES512: (hashes.SHA512, 66),
+}
+#: Signature or tag size per algorithm (RFC 9053 §2.1: ECDSA r‖s, each the curve's size).
+_SIGNATURE_BYTES: Final = {
+    Algorithm.ES256: 64,
+    Algorithm.ES384: 96,
+    Algorithm.ES512: 132,
+    Algorithm.EDDSA: 64,
+    Algorithm.HMAC_256_256: 32,
 }
 
 
@@ -205,18 +220,10 @@ def _parse(message: bytes, tag: int, what: str) -> CoseMessage:
     )
     protected_bytes, unprotected, payload, signature = cbor.expect_list(obj, what=what, length=4)
     protected_bytes = cbor.expect_bytes(protected_bytes, what=f"{what}.protected")
-    headers = cbor.Fields(
-        cbor.loads(protected_bytes, what=f"{what}.protected") if protected_bytes else {},
-        what=f"{what}.protected",
-    )
     unprotected_fields = cbor.Fields(unprotected, what=f"{what}.unprotected")
     if HEADER_ALG in unprotected_fields:
         raise MalformedMessage(f"{what}: the algorithm must be in the protected header")
-    alg_id = headers.get_int(HEADER_ALG)
-    try:
-        alg = Algorithm(alg_id)
-    except ValueError as err:
-        raise MalformedMessage(f"{what}: unsupported algorithm {alg_id}") from err
+    alg = _KNOWN_PROTECTED.get(protected_bytes) or _protected_alg(protected_bytes, what)
     kid = unprotected_fields.opt_bytes(HEADER_KID, max_size=256)
     if payload is None:
         raise MalformedMessage(f"{what}: detached payloads are not supported")
@@ -225,5 +232,19 @@ def _parse(message: bytes, tag: int, what: str) -> CoseMessage:
         alg=alg,
         kid=kid,
         payload=cbor.expect_bytes(payload, what=f"{what}.payload"),
-        signature=cbor.expect_bytes(signature, what=f"{what}.signature", max_size=512),
+        signature=cbor.expect_bytes(
+            signature, what=f"{what}.signature", size=_SIGNATURE_BYTES[alg]
+        ),
     )
+
+
+def _protected_alg(protected_bytes: bytes, what: str) -> Algorithm:
+    headers = cbor.Fields(
+        cbor.loads(protected_bytes, what=f"{what}.protected") if protected_bytes else {},
+        what=f"{what}.protected",
+    )
+    alg_id = headers.get_int(HEADER_ALG)
+    try:
+        return Algorithm(alg_id)
+    except ValueError as err:
+        raise MalformedMessage(f"{what}: unsupported algorithm {alg_id}") from err
