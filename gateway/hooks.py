@@ -1,0 +1,194 @@
+"""The gateway's ``VerifierHooks``: enrollment, single use and appraisal over the registry.
+
+``RegistryHooks`` implements ``protocol.verifier.VerifierHooks`` (DESIGN §9, §10):
+
+- ``device_keys``: the enrolled IAK points of both lifecycle classes;
+- ``consume_challenge``: single use through the registry's primary key, atomic across every
+  gateway process sharing the database;
+- ``appraise``: the appraisal (``gateway.appraisal``) under the policy in force, then the key
+  broker (``gateway.keybroker``) when the release rule holds; the verdict — status, reasons,
+  policy version, explanation — is recorded in the registry and appended to the ledger, and a
+  non-contraindicated verdict advances the fuse counters last seen for the device.
+
+Refusals the verifier session makes before any appraisal (unknown device, bad signature, binding,
+challenge expired or replayed) never reach ``appraise``; the MQTT service records them with
+``record_rejection``.
+
+The hooks keep no state of their own: two gateway processes may use two instances on one database
+at once. The registry makes each step atomic; ledger appends are serialized by the ledger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final
+
+from gateway.appraisal import AppraisalOutcome, appraise, failure, unknown_device
+from gateway.explain import explain_reasons, explanation_json
+from gateway.keybroker import BrokeredRelease, KeyBroker, KeyReleaseRefused, releasable_verdict
+from gateway.kms import Kms
+from gateway.ledger import Ledger, LedgerKind
+from gateway.policy import Policy, PolicyProvider
+from gateway.registry import Registry, TrustAnchorKind, VerdictRecord
+from protocol import cbor
+from protocol.errors import InvalidChallenge, InvalidImage
+from protocol.ids import DeviceId, SessionId
+from protocol.keys import p256_from_point
+from protocol.reasons import ReasonCode, Status
+from protocol.verifier import Appraisal, AppraisalRequest, DeviceKeys, Rejected
+
+#: Version of the ledger body of a verdict event.
+VERDICT_EVENT_VERSION: Final = 1
+
+#: The gateway's clock: seconds since the epoch.
+Clock = Callable[[], int]
+
+
+class RegistryHooks:
+    """``VerifierHooks`` over the registry, the ledger and the KMS."""
+
+    __slots__ = ("_broker", "_clock", "_ledger", "_policy", "_registry")
+
+    def __init__(
+        self,
+        registry: Registry,
+        ledger: Ledger,
+        kms: Kms,
+        policy_provider: PolicyProvider,
+        clock: Clock,
+    ) -> None:
+        """Hooks over ``registry`` and ``ledger``, releasing keys with ``kms``.
+
+        Args:
+            policy_provider: called once per appraisal for the policy in force
+                (``gateway.policy.RegistryPolicy`` in the gateway).
+            clock: gateway time, for single use (appraisals use the session's ``now_s``).
+        """
+        self._registry = registry
+        self._ledger = ledger
+        self._policy = policy_provider
+        self._clock = clock
+        self._broker = KeyBroker(registry, ledger, kms)
+
+    def device_keys(self, device_id: DeviceId) -> DeviceKeys | None:
+        """The enrolled IAKs of ``device_id`` (revoked devices too: the appraisal refuses them)."""
+        device = self._registry.find_device(device_id)
+        if device is None:
+            return None
+        return DeviceKeys(
+            secured=p256_from_point(device.iak_secured_point),
+            debug=p256_from_point(device.iak_debug_point),
+        )
+
+    def consume_challenge(self, device_id: DeviceId, nonce: bytes, expires_s: int) -> bool:
+        """Mark the challenge ``nonce`` used, once across every process; False when it was used
+        before (or has expired by the gateway clock)."""
+        try:
+            self._registry.consume_challenge(
+                nonce, device=device_id, expires_s=expires_s, now_s=self._clock()
+            )
+        except InvalidChallenge:
+            return False
+        return True
+
+    def appraise(self, request: AppraisalRequest) -> Appraisal:
+        """Appraise, release a key when the rule holds, record the verdict; see the module."""
+        policy = self._policy()
+        outcome = self._appraise(request, policy)
+        outcome, brokered = self._release(outcome, policy, request.now_s)
+        self._record(outcome, request.now_s)
+        self._remember_counters(outcome, request)
+        if brokered is None:
+            return outcome.to_appraisal()
+        return outcome.to_appraisal(brokered.key_release, brokered.lease)
+
+    def record_rejection(
+        self, device_id: DeviceId, session_id: SessionId, event: Rejected, *, now_s: int
+    ) -> VerdictRecord | None:
+        """Record a refusal the session made before any appraisal (None when ``appraise``
+        already recorded it)."""
+        if event.appraisal is not None:
+            return None
+        explanations = explain_reasons(event.reasons, device=device_id)
+        record = self._registry.record_verdict(
+            device_id,
+            session_id=session_id,
+            status=Status.CONTRAINDICATED,
+            reasons=[code.value for code in event.reasons],
+            policy_version=self._policy().version,
+            explanation_json=explanation_json(explanations),
+            now_s=now_s,
+        )
+        self._log_verdict(record)
+        return record
+
+    # --- steps of appraise
+
+    def _appraise(self, request: AppraisalRequest, policy: Policy) -> AppraisalOutcome:
+        registry = self._registry
+        device = registry.find_device(request.device_id)
+        if device is None:
+            return unknown_device(request, policy)
+        return appraise(
+            request,
+            device=device,
+            policy=policy,
+            anchors=registry.list_trust_anchors(TrustAnchorKind.MANUFACTURER_CA),
+            reference_values=registry.reference_values(device.product),
+            epoch=registry.epoch(device.product),
+            assigned=registry.assignment(device.device_id),
+            find_release=registry.find_release,
+        )
+
+    def _release(
+        self, outcome: AppraisalOutcome, policy: Policy, now_s: int
+    ) -> tuple[AppraisalOutcome, BrokeredRelease | None]:
+        verdict = releasable_verdict(outcome)
+        if verdict is None:
+            return outcome, None
+        try:
+            return outcome, self._broker.release(verdict, policy=policy, now_s=now_s)
+        except KeyReleaseRefused as err:
+            return failure(outcome, err.code, got=str(err)), None
+        except InvalidImage:
+            got = "a stored wrapped CEK that does not open with this gateway's HPKE key"
+            return failure(outcome, ReasonCode.INTERNAL_ERROR, got=got), None
+
+    def _record(self, outcome: AppraisalOutcome, now_s: int) -> None:
+        record = self._registry.record_verdict(
+            outcome.device_id,
+            session_id=outcome.session_id,
+            status=outcome.status,
+            reasons=outcome.recorded_reasons,
+            policy_version=outcome.policy_version,
+            explanation_json=explanation_json(outcome.explanations),
+            now_s=now_s,
+        )
+        self._log_verdict(record)
+
+    def _log_verdict(self, record: VerdictRecord) -> None:
+        body = {
+            "v": VERDICT_EVENT_VERSION,
+            "session_id": record.session_id,
+            "status": record.status.value,
+            "reasons": list(record.reasons),
+            "policy_version": record.policy_version,
+        }
+        self._ledger.append(
+            LedgerKind.VERDICT, cbor.dumps(body), device=record.device_id, now_s=record.at_s
+        )
+
+    def _remember_counters(self, outcome: AppraisalOutcome, request: AppraisalRequest) -> None:
+        """Advance the counters last seen (never lower them) after a verdict that is not
+        contraindicated: the next token must carry at least these (``counter.rollback``)."""
+        platform = request.claims.platform
+        if outcome.status is Status.CONTRAINDICATED or platform is None:
+            return
+        device = self._registry.find_device(request.device_id)
+        if device is None:
+            return
+        merged = dict(device.counters)
+        for name, value in platform.fuse_counters:
+            merged[name] = max(merged.get(name, 0), value)
+        if merged != dict(device.counters):
+            self._registry.set_counters(device.device_id, merged)
