@@ -58,3 +58,15 @@ ensure_softhsm() {
   [ "${CI:-}" = true ] && die "CI=true and no softhsm2: refusing to skip the PKCS#11 tests"
   return 0
 }
+
+# ensure_mpy_stubs: MicroPython board stubs for `firmware check --typecheck`, one folder per board
+# (the esp32 and rp2 packages ship the same module names, so they cannot share site-packages).
+ensure_mpy_stubs() {
+  local board
+  for board in esp32 rp2; do
+    [ -f "$VENV/mpy-stubs/$board/machine.pyi" ] && continue
+    say "installing micropython-$board-stubs into .venv/mpy-stubs/$board"
+    "$PY" -m pip install -q --disable-pip-version-check --target "$VENV/mpy-stubs/$board" \
+      "micropython-$board-stubs" >/dev/null || say "could not install micropython-$board-stubs"
+  done
+}
