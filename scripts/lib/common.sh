@@ -11,11 +11,15 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 ensure_venv() {
   local extras=$1 stamp want
   if [ ! -x "$PY" ]; then
-    local base
-    base=$(command -v python3.13 || command -v python3.12 || command -v python3.11 || command -v python3) \
-      || die "python3 (3.11 or newer) is not installed"
-    "$base" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
-      || die "$base is older than Python 3.11; install Python 3.11+"
+    local base="" candidate
+    # The first interpreter that actually runs and is 3.11+ (pyenv shims may exist but not run).
+    for candidate in python3.13 python3.12 python3.11 python3; do
+      command -v "$candidate" >/dev/null 2>&1 || continue
+      if "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; then
+        base=$(command -v "$candidate"); break
+      fi
+    done
+    [ -n "$base" ] || die "no Python 3.11 or newer found (install python3.11+ and python3-venv)"
     say "creating .venv with $base"
     "$base" -m venv "$VENV" || die "python venv failed (on Debian: apt-get install python3-venv)"
   fi
