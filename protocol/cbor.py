@@ -124,7 +124,7 @@ class Fields:
     __slots__ = ("_map", "what")
 
     def __init__(self, obj: object, *, what: str) -> None:
-        if not isinstance(obj, Mapping):
+        if type(obj) is not dict and not isinstance(obj, Mapping):
             raise MalformedMessage(f"{what}: expected a map, got {_kind(obj)}")
         self._map: Mapping[object, object] = obj
         self.what = what

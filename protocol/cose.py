@@ -57,6 +57,13 @@ _ECDSA: Final = {
     Algorithm.ES384: (hashes.SHA384, 48),
     Algorithm.ES512: (hashes.SHA512, 66),
 }
+#: Algorithm objects are immutable: made once, not per signature (this is the hot path).
+_ES256: Final = ec.ECDSA(hashes.SHA256())
+_ECDSA_VERIFY: Final = {
+    alg: (ec.ECDSA(hash_cls()), size) for alg, (hash_cls, size) in _ECDSA.items()
+}
+#: The concrete class of OpenSSL-backed EC public keys: an exact type check skips the ABC machinery.
+_EC_PUBLIC_TYPE: Final = type(ec.derive_private_key(1, ec.SECP256R1()).public_key())
 #: Signature or tag size per algorithm (RFC 9053 §2.1: ECDSA r‖s, each the curve's size).
 _SIGNATURE_BYTES: Final = {
     Algorithm.ES256: 64,
@@ -92,7 +99,7 @@ def es256_signer(key: ec.EllipticCurvePrivateKey) -> Es256Signer:
         raise TypeError("ES256 needs a P-256 private key")
 
     def sign(data: bytes) -> bytes:
-        r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
+        r, s = decode_dss_signature(key.sign(data, _ES256))
         return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
     return sign
@@ -160,14 +167,16 @@ def verify_parsed(parsed: CoseMessage, key: PublicKey, *, external_aad: bytes = 
                 raise InvalidSignature("COSE_Sign1: EdDSA needs an Ed25519 key")
             key.verify(parsed.signature, to_be_signed)
             return
-        hash_cls, size = _ECDSA[parsed.alg]
-        if not isinstance(key, ec.EllipticCurvePublicKey) or len(parsed.signature) != 2 * size:
-            raise InvalidSignature("COSE_Sign1: key or signature size does not fit the algorithm")
+        algorithm, size = _ECDSA_VERIFY[parsed.alg]
+        if type(key) is not _EC_PUBLIC_TYPE and not isinstance(key, ec.EllipticCurvePublicKey):
+            raise InvalidSignature("COSE_Sign1: the key does not fit the algorithm")
+        if len(parsed.signature) != 2 * size:
+            raise InvalidSignature("COSE_Sign1: signature size does not fit the algorithm")
         der = encode_dss_signature(
             int.from_bytes(parsed.signature[:size], "big"),
             int.from_bytes(parsed.signature[size:], "big"),
         )
-        key.verify(der, to_be_signed, ec.ECDSA(hash_cls()))
+        key.verify(der, to_be_signed, algorithm)
     except _CryptoInvalidSignature as err:
         raise InvalidSignature("COSE_Sign1: signature does not verify") from err
 

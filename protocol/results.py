@@ -146,7 +146,7 @@ class TrustVector:
 
     def as_dict(self) -> dict[str, int]:
         """The claims by name."""
-        return {field.name: getattr(self, field.name) for field in fields(self)}
+        return {name: getattr(self, name) for name in _TRUST_VECTOR_NAMES}
 
     def worst_status(self) -> Status:
         """The worst tier among the claims made (affirming when none is made)."""
@@ -166,13 +166,16 @@ class TrustVector:
         """
         what = "trust vector"
         entries = cbor.Fields(obj, what=what).only(frozenset(range(8)))
-        names = [field.name for field in fields(cls)]
         values: dict[str, int] = {}
-        for index, name in enumerate(names):
+        for index, name in enumerate(_TRUST_VECTOR_NAMES):
             value = entries.opt_int(index, lo=-128, hi=127)
             if value is not None:
                 values[name] = value
         return cls(**values)
+
+
+#: The AR4SI claim names in EAR index order (0..7); computed once, read on every result.
+_TRUST_VECTOR_NAMES: Final = tuple(field.name for field in fields(TrustVector))
 
 
 @dataclass(frozen=True, slots=True)

@@ -126,6 +126,9 @@ class VerifierConfig:
     def __post_init__(self) -> None:
         if len(self.secret) < MIN_SECRET_BYTES:
             raise ValueError(f"challenge secret must be at least {MIN_SECRET_BYTES} bytes")
+        if not callable(self.result_signer):
+            # Checked and wrapped once, not on every result signed.
+            object.__setattr__(self, "result_signer", cose.es256_signer(self.result_signer))
 
 
 class VerifierState(Enum):
