@@ -21,11 +21,13 @@ Key = int | str
 #: Default ceiling for any single decode; callers pass a tighter one per message type.
 DEFAULT_MAX_BYTES: Final = 1 << 20
 _MAX_DEPTH: Final = 16
+_BYTES_TYPES: Final[tuple[type, ...]] = (bytes, bytearray, memoryview)
 
 
 def dumps(obj: object) -> bytes:
     """Encode ``obj`` in deterministic CBOR (sorted map keys, shortest forms)."""
-    return bytes(cbor2.dumps(obj, canonical=True))
+    encoded: bytes = cbor2.dumps(obj, canonical=True)
+    return encoded
 
 
 def loads(data: bytes, *, what: str, max_bytes: int = DEFAULT_MAX_BYTES) -> object:
@@ -35,7 +37,7 @@ def loads(data: bytes, *, what: str, max_bytes: int = DEFAULT_MAX_BYTES) -> obje
         MalformedMessage: ``data`` is not bytes, larger than ``max_bytes``, not one well-formed
             CBOR item, has trailing bytes, duplicate keys or indefinite lengths.
     """
-    if not isinstance(data, bytes | bytearray | memoryview):
+    if not isinstance(data, _BYTES_TYPES):
         raise MalformedMessage(f"{what}: expected bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
         raise MalformedMessage(f"{what}: {len(data)} bytes exceeds the limit of {max_bytes}")
