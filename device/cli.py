@@ -27,6 +27,7 @@ from typing import Final
 
 import click
 
+from device.attacks.cli import register as register_attacks
 from device.normal_world import public_state
 from device.normal_world.public_state import FlashView, StatusView
 from protocol import topics
@@ -213,6 +214,9 @@ def _fail(message: str) -> int:
     """One line on stderr for a user's mistake; the exit status 2."""
     click.echo(f"{PROG}: error: {message.splitlines()[0] if message else 'failed'}", err=True)
     return EXIT_USAGE
+
+
+register_attacks(cli)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,139 @@
+"""The attack playbook against the real gateway on mosquitto: every attack defended, no leak."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from device.attacks.playbook import ATTACKS, ATTACKS_BY_NAME, Bench, exfil_attempt, run_attack
+from device.attacks.report import AttackReport, Outcome, Where
+from gateway.broker import Broker, running_mosquitto
+from protocol.errors import UsageError
+
+pytestmark = [pytest.mark.slow, pytest.mark.broker]
+
+
+@pytest.fixture(scope="module")
+def bench(broker: Broker) -> Iterator[Bench]:
+    """One bench for the module: workspaces, three boards, a release, the gateway serving."""
+    with tempfile.TemporaryDirectory(prefix="edgeseal-attack-") as tmp:
+        made = Bench(Path(tmp), broker.url)
+        made.setup()
+        made.start_gateway()
+        try:
+            yield made
+        finally:
+            made.stop()
+
+
+def assert_defended(report: AttackReport, *where: Where) -> None:
+    """Defended, detected at each of ``where``, zero leaks, something scanned."""
+    assert report.error is None, report.error
+    assert report.leaks == (), report.leaks
+    for point in where:
+        assert point in report.detected_at, report.to_json()
+    assert report.outcome is Outcome.DEFENDED, report.to_json()
+
+
+def test_genuine_board_runs_and_leaks_nothing(bench: Bench) -> None:
+    """Control: the untouched board attests, gets its key and runs; the scan stays clean."""
+    bench.restore(bench.devices[0])
+    ran = bench.boot(bench.devices[0])
+    assert ran.state == "running" and ran.released, ran.log[-800:]
+    scan = bench.scanner().scan_paths(bench.haystacks(bench.devices[0]))
+    assert scan.clean and scan.scanned_bytes > 0
+
+
+@pytest.mark.parametrize(
+    ("name", "where"),
+    [
+        ("flash-dump", (Where.PREVENTED,)),
+        ("ciphertext-bitflip", (Where.DEVICE,)),
+        ("manifest-tamper", (Where.DEVICE,)),
+        ("bl2-tamper", (Where.DEVICE,)),
+        ("debug-unlock", (Where.GATEWAY, Where.LEDGER)),
+        ("flash-clone", (Where.GATEWAY, Where.LEDGER)),
+        ("nw-memory", (Where.PREVENTED,)),
+        ("revoked", (Where.GATEWAY, Where.LEDGER)),
+        ("exfil-runtime", (Where.GATEWAY, Where.LEDGER)),
+        ("power-cut", (Where.DEVICE,)),
+        ("malformed-frames", (Where.DEVICE,)),
+        ("evidence-replay", (Where.GATEWAY,)),
+        ("image-swap", (Where.DEVICE,)),
+        ("stage-rollback", (Where.DEVICE,)),
+    ],
+)
+def test_attack_is_defended_where_expected(
+    bench: Bench, name: str, where: tuple[Where, ...]
+) -> None:
+    """The attack is stopped at its expected point and the leak scan finds nothing."""
+    report = run_attack(bench, name)
+    assert report.name == name and report.expected_at == ATTACKS_BY_NAME[name].expected_at
+    assert_defended(report, *where)
+
+
+def test_negative_control_weakened_policy_lets_the_exfiltration_through(bench: Bench) -> None:
+    """With skip_measurement_checks the exfiltrating runtime gets the key; the scanner sees it."""
+    report = exfil_attempt(bench, weakened=True)
+    assert report.error is None, report.error
+    assert report.evidence["released"] is True
+    assert report.outcome is Outcome.BREACHED
+    leaked_into = {str(leak["haystack"]).rsplit("/", 1)[-1] for leak in report.leaks}
+    assert "exfil.bin" in leaked_into, report.leaks
+    assert any("secret_filter" in str(leak["secret"]) for leak in report.leaks)
+    assert any(str(leak["secret"]).startswith("canary:") for leak in report.leaks)
+    restored = run_attack(bench, "exfil-runtime")  # the policy is back: refused again
+    assert restored.outcome is Outcome.DEFENDED and not restored.leaks
+
+
+def test_power_cut_covers_100_cut_points(bench: Bench) -> None:
+    """The power-cut attack really cuts at 100 distinct points."""
+    report = run_attack(bench, "power-cut")
+    assert report.evidence["cuts"] == 100 and report.evidence["failures"] == []
+
+
+def test_every_playbook_attack_is_tested() -> None:
+    """Each attack in the playbook has a case in the parametrized test above."""
+    tested = {
+        "flash-dump", "ciphertext-bitflip", "manifest-tamper", "bl2-tamper", "debug-unlock",
+        "flash-clone", "nw-memory", "revoked", "exfil-runtime", "power-cut", "malformed-frames",
+        "evidence-replay", "image-swap", "stage-rollback",
+    }  # fmt: skip
+    assert {a.name for a in ATTACKS} == tested
+
+
+def test_reports_are_json_ready(bench: Bench) -> None:
+    """A report serialises to JSON with its outcome and detection points."""
+    report = run_attack(bench, "flash-dump")
+    data = json.loads(json.dumps(report.to_json()))
+    assert data["outcome"] == "defended" and data["detected_at"] == ["prevented"]
+    with pytest.raises(UsageError):
+        run_attack(bench, "no-such-attack")
+
+
+def test_attack_cli_lists_and_runs_one_attack(tmp_path: Path) -> None:
+    """``attack list --json`` names every attack; ``attack flash-dump --json`` reports defended.
+
+    On a private mosquitto: two benches' gateways on one broker would both answer its devices.
+    """
+    from click.testing import CliRunner
+
+    from device.attacks.cli import attack
+
+    runner = CliRunner()
+    listed = runner.invoke(attack, ["list", "--json"])
+    assert listed.exit_code == 0
+    assert {a["name"] for a in json.loads(listed.output)["attacks"]} == set(ATTACKS_BY_NAME)
+    home = tmp_path / "bench"
+    with running_mosquitto() as private:
+        argv = ["flash-dump", "--home", str(home), "--broker", private.url]
+        ran = runner.invoke(attack, [*argv, "--json"])
+        busy = runner.invoke(attack, argv)
+    assert ran.exit_code == 0, ran.output
+    (report,) = json.loads(ran.output)
+    assert report["name"] == "flash-dump" and report["outcome"] == "defended"
+    assert busy.exit_code != 0  # the bench never reuses a non-empty directory
