@@ -15,6 +15,7 @@ home) is one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import signal
@@ -27,7 +28,6 @@ from typing import Final
 
 import click
 
-from device.attacks.cli import register as register_attacks
 from device.normal_world import public_state
 from device.normal_world.public_state import FlashView, StatusView
 from protocol import topics
@@ -45,7 +45,27 @@ _home = click.option(
 _json = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
-@click.group(name=PROG)
+#: Commands of the attacker's bench, imported only when asked for: the normal world (`run`) must
+#: never load the playbook, which knows the example app's canary.
+_LAZY_COMMANDS: Final = {"attack": "attack", "scan-leaks": "scan_leaks"}
+
+
+class _DeviceGroup(click.Group):
+    """The ``edgeseal-device`` group, with the attack bench loaded lazily."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *_LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        attribute = _LAZY_COMMANDS.get(cmd_name)
+        if attribute is None:
+            return super().get_command(ctx, cmd_name)
+        command = getattr(importlib.import_module("device.attacks.cli"), attribute)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(name=PROG, cls=_DeviceGroup)
 def cli() -> None:
     """A simulated edgeseal device: its normal world, and what an attacker sees of it."""
 
@@ -214,9 +234,6 @@ def _fail(message: str) -> int:
     """One line on stderr for a user's mistake; the exit status 2."""
     click.echo(f"{PROG}: error: {message.splitlines()[0] if message else 'failed'}", err=True)
     return EXIT_USAGE
-
-
-register_attacks(cli)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

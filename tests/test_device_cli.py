@@ -192,3 +192,13 @@ def test_python_dash_m_device_is_the_cli(home: Path) -> None:
         check=False,
     )
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_normal_world_entry_point_never_loads_the_attack_bench() -> None:
+    """`edgeseal-device run` must not import the playbook (it holds the example app's canary)."""
+    import subprocess
+    import sys
+
+    probe = "import sys, device.cli; print(sorted(m for m in sys.modules if 'attacks' in m))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
