@@ -30,6 +30,7 @@ passes what the registry holds.
 
 from __future__ import annotations
 
+import functools
 import hmac
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -47,7 +48,13 @@ from gateway.explain import (
     explain_skipped_measurements,
 )
 from gateway.policy import LifecycleRule, Policy
-from gateway.registry import DeviceRecord, ReferenceValue, ReleaseRecord, TrustAnchor
+from gateway.registry import (
+    DeviceRecord,
+    ReferenceValue,
+    ReleaseRecord,
+    TrustAnchor,
+    TrustAnchorKind,
+)
 from protocol import keys, psa
 from protocol.bundles import ComponentType
 from protocol.ids import DeviceId, Product, ReleaseId, SessionId
@@ -70,6 +77,8 @@ _DEBUG_CLASSES: Final = frozenset(
 )
 _SECURED_CLASS: Final = psa.lifecycle_class(psa.Lifecycle.SECURED)
 _MAX_NAME: Final = 120
+#: Parsed certificates and certificate-signature checks kept per process (pure memos on bytes).
+CERTIFICATE_CACHE_SIZE: Final = 4096
 
 #: Looks a release up by id in the registry (``Registry.find_release``).
 FindRelease = Callable[[ReleaseId], ReleaseRecord | None]
@@ -352,12 +361,12 @@ def _check_certificate(
     ctx: _Context, cert_der: bytes, point: bytes, anchors: Sequence[TrustAnchor]
 ) -> list[Finding]:
     try:
-        cert = x509.load_der_x509_certificate(cert_der)
+        cert = _parsed_certificate(cert_der)
     except ValueError:
         got = "an enrolled certificate that is not DER X.509"
         return [ctx.finding(ReasonCode.CERTIFICATE_UNTRUSTED, got=got)]
     findings: list[Finding] = []
-    if not any(_issued_by(cert, anchor) for anchor in anchors):
+    if not any(_signed_by(cert_der, anchor.cert_der, anchor.public_point) for anchor in anchors):
         expected = f"a certificate signed by one of the {len(anchors)} trusted manufacturer CAs"
         got = f"a certificate issued by {cert.issuer.rfc4514_string()[:_MAX_NAME]!r}"
         findings.append(ctx.finding(ReasonCode.CERTIFICATE_UNTRUSTED, expected=expected, got=got))
@@ -404,6 +413,38 @@ def _certificate_point(cert: x509.Certificate) -> bytes:
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         return b""
     return keys.p256_point(key)
+
+
+@functools.lru_cache(maxsize=CERTIFICATE_CACHE_SIZE)
+def _parsed_certificate(cert_der: bytes) -> x509.Certificate:
+    """The certificate ``cert_der``, parsed once (a pure function of the bytes, so kept).
+
+    Raises:
+        ValueError: not DER X.509 (never kept: a failure is recomputed).
+    """
+    return x509.load_der_x509_certificate(cert_der)
+
+
+@functools.lru_cache(maxsize=CERTIFICATE_CACHE_SIZE)
+def _signed_by(cert_der: bytes, anchor_cert_der: bytes | None, anchor_point: bytes) -> bool:
+    """``_issued_by`` memoized on the bytes of both certificates and the anchor key.
+
+    A pure function of its arguments, so a kept answer is never stale: the anchors are read
+    from the registry at each appraisal, and a removed anchor is simply no longer asked.
+    """
+    try:
+        cert = _parsed_certificate(cert_der)
+    except ValueError:
+        return False
+    anchor = TrustAnchor(
+        kind=TrustAnchorKind.MANUFACTURER_CA,
+        signer_id=b"",
+        public_point=anchor_point,
+        name="",
+        added_at_s=0,
+        cert_der=anchor_cert_der,
+    )
+    return _issued_by(cert, anchor)
 
 
 def _issued_by(cert: x509.Certificate, anchor: TrustAnchor) -> bool:

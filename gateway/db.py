@@ -2,11 +2,11 @@
 
 One URL picks the backend:
 
-- ``sqlite:///path`` or a plain file path: a SQLite file in WAL mode with foreign keys on and a busy
-  timeout. pysqlite's own transaction handling is switched off and every transaction starts with an
-  explicit ``BEGIN`` (SQLAlchemy's documented recipe), so a write transaction can say
-  ``BEGIN IMMEDIATE`` and take SQLite's single writer lock up front: two processes then serialize
-  instead of failing on a lock upgrade.
+- ``sqlite:///path`` or a plain file path: a SQLite file in WAL mode (``synchronous = NORMAL``)
+  with foreign keys on and a busy timeout. pysqlite's own transaction handling is switched off
+  and every transaction starts with an explicit ``BEGIN`` (SQLAlchemy's documented recipe), so
+  a write transaction can say ``BEGIN IMMEDIATE`` and take SQLite's single writer lock up front:
+  two processes then serialize instead of failing on a lock upgrade.
 - ``postgresql://`` or ``postgresql+psycopg://``: PostgreSQL through psycopg 3. A write transaction
   may take a transaction-scoped advisory lock (``pg_advisory_xact_lock``) to serialize with every
   other gateway process on the same database.
@@ -18,10 +18,12 @@ written by a newer edgeseal.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy import event, exc
@@ -206,14 +208,28 @@ def _sqlite_on_connect(dbapi_connection: object, _record: ConnectionPoolEntry) -
     try:
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA journal_mode = WAL")
+        # With WAL, NORMAL syncs at checkpoints, not at every COMMIT: a committed transaction
+        # survives a process crash; only the last ones may be lost on power loss (SQLite docs,
+        # "PRAGMA synchronous"). Each COMMIT otherwise waits on an fsync.
+        cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.execute("PRAGMA foreign_keys = ON")
     finally:
         cursor.close()
 
 
 def _sqlite_on_begin(conn: Connection) -> None:
-    """Emit our own BEGIN (IMMEDIATE for write transactions)."""
-    conn.exec_driver_sql(conn.get_execution_options().get(_OPTION_BEGIN, "BEGIN"))
+    """Emit our own BEGIN (IMMEDIATE for write transactions), straight on the driver's
+    connection: a BEGIN needs no result, parameters or statement events, and SQLAlchemy's
+    execution path would cost more than the BEGIN itself."""
+    statement = conn.get_execution_options().get(_OPTION_BEGIN, "BEGIN")
+    driver = conn.connection.driver_connection
+    try:
+        cursor = driver.cursor()  # type: ignore[union-attr]
+        _announce(conn, cursor, statement, (), many=False)
+        cursor.execute(statement)
+        cursor.close()
+    except sqlite3.Error as err:  # as SQLAlchemy would have wrapped it (a busy timeout, ...)
+        raise exc.DBAPIError.instance(statement, None, err, sqlite3.Error) from err
 
 
 def _postgres_engine(url: URL) -> Engine:
@@ -221,3 +237,119 @@ def _postgres_engine(url: URL) -> Engine:
     if "connect_timeout" not in url.query:
         connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
     return sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+
+
+#: What a ``HotStatement`` wraps.
+HotStatementKind = sa.Select[Any] | sa.Insert | sa.Update
+
+
+class HotStatement:
+    """A statement of the attestation hot path, built once and run with little overhead.
+
+    On SQLite it is compiled once (per set of parameter names) and run straight on the driver
+    connection underneath ``conn`` — inside the transaction ``conn`` began, with driver errors
+    wrapped as SQLAlchemy would (``IntegrityError``, ``OperationalError``, ...). On PostgreSQL
+    it runs through ``conn.execute`` as any statement. Either way the rows come back as
+    mappings of column name (or label) to value.
+    """
+
+    __slots__ = ("_compiled", "_lock", "_statement")
+
+    def __init__(self, statement: HotStatementKind) -> None:
+        """Wrap ``statement`` (bound parameters named with ``sa.bindparam``)."""
+        self._statement = statement
+        self._compiled: dict[tuple[str, ...], tuple[str, tuple[str, ...], dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def statement(self) -> HotStatementKind:
+        """The SQLAlchemy statement."""
+        return self._statement
+
+    def rows(
+        self, conn: Connection, params: Mapping[str, object] | None = None
+    ) -> list[Mapping[Any, Any]]:
+        """Run with ``params``; every row as a mapping.
+
+        Raises:
+            sqlalchemy.exc.DBAPIError: the database refused (as ``conn.execute`` would).
+        """
+        params = params or {}
+        if not is_sqlite_connection(conn):
+            result = conn.execute(self._statement, dict(params))
+            return [row._mapping for row in result] if result.returns_rows else []
+        sql, names, defaults = self._sqlite_form(conn, tuple(params))
+        values = tuple(params[name] if name in params else defaults[name] for name in names)
+        cursor = self._run(conn, sql, [values], many=False)
+        try:
+            if cursor.description is None:
+                return []
+            columns = [column[0] for column in cursor.description]
+            return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+        finally:
+            cursor.close()
+
+    def first(
+        self, conn: Connection, params: Mapping[str, object] | None = None
+    ) -> Mapping[Any, Any] | None:
+        """The first row, or None."""
+        found = self.rows(conn, params)
+        return found[0] if found else None
+
+    def run_many(self, conn: Connection, params: Sequence[Mapping[str, object]]) -> None:
+        """Run once per mapping in ``params`` (an INSERT of several rows); nothing returned."""
+        if not params:
+            return
+        if not is_sqlite_connection(conn):
+            conn.execute(self._statement, [dict(one) for one in params])
+            return
+        sql, names, defaults = self._sqlite_form(conn, tuple(params[0]))
+        values = [
+            tuple(one[name] if name in one else defaults[name] for name in names) for one in params
+        ]
+        self._run(conn, sql, values, many=True).close()
+
+    def _sqlite_form(
+        self, conn: Connection, keys: tuple[str, ...]
+    ) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+        """The SQL, its parameter names in order, and the values bound in the statement itself
+        (a ``LIMIT 1``), compiled once per set of parameter names."""
+        found = self._compiled.get(keys)
+        if found is None:
+            compiled = self._statement.compile(dialect=conn.dialect, column_keys=list(keys))
+            names = tuple(compiled.positiontup or ())
+            found = (str(compiled), names, dict(compiled.params))
+            with self._lock:
+                self._compiled[keys] = found
+        return found
+
+    @staticmethod
+    def _run(
+        conn: Connection, sql: str, values: list[tuple[object, ...]], *, many: bool
+    ) -> sqlite3.Cursor:
+        driver = conn.connection.driver_connection
+        if not isinstance(driver, sqlite3.Connection):
+            raise TypeError("HotStatement: expected a sqlite3 driver connection")
+        cursor = driver.cursor()
+        _announce(conn, cursor, sql, values, many=many)
+        try:
+            if many:
+                cursor.executemany(sql, values)
+            else:
+                cursor.execute(sql, values[0])
+        except sqlite3.Error as err:
+            cursor.close()
+            raise exc.DBAPIError.instance(sql, values, err, sqlite3.Error) from err
+        return cursor
+
+
+def is_sqlite_connection(conn: Connection) -> bool:
+    """Whether ``conn`` is a connection to SQLite (else PostgreSQL)."""
+    return conn.dialect.name == "sqlite"
+
+
+def _announce(conn: Connection, cursor: object, sql: str, values: object, *, many: bool) -> None:
+    """Fire ``before_cursor_execute`` for SQL run straight on the driver, when anyone listens
+    (statement counters, tracing), with no execution context."""
+    if conn.dispatch.before_cursor_execute:
+        conn.dispatch.before_cursor_execute(conn, cursor, sql, values, None, many)

@@ -14,31 +14,54 @@ Refusals the verifier session makes before any appraisal (unknown device, bad si
 challenge expired or replayed) never reach ``appraise``; the MQTT service records them with
 ``record_rejection``.
 
-The hooks keep no state of their own: two gateway processes may use two instances on one database
+The hooks keep no state of their own beyond pure caches (the key broker's unwrapped CEKs, the
+appraisal's verified certificates): two gateway processes may use two instances on one database
 at once. The registry makes each step atomic; ledger appends are serialized by the ledger.
+
+The hot path (registry and ledger on one engine, as in the gateway): ``appraise`` reads what it
+judges in ONE read transaction (``Registry.appraisal_snapshot``), then writes everything in ONE
+write transaction under the ledger lock — the key broker's run-time recheck, the receipt, the
+verdict, both ledger entries (release, then verdict; one head read) and the counters — so a
+verdict, its receipt and their ledger entries are kept together or not at all. Single use stays
+its own transaction in ``consume_challenge`` (the verifier session calls it before ``appraise``,
+and its answer must be final when it returns).
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Final
 
-from gateway.appraisal import AppraisalOutcome, appraise, failure, unknown_device
+from sqlalchemy.engine import Connection
+
+from gateway import db
+from gateway.appraisal import AppraisalOutcome, FindRelease, appraise, failure, unknown_device
 from gateway.explain import explain_reasons, explanation_json
 from gateway.keybroker import BrokeredRelease, KeyBroker, KeyReleaseRefused, releasable_verdict
 from gateway.kms import Kms
-from gateway.ledger import Ledger, LedgerKind
+from gateway.ledger import LEDGER_LOCK_KEY, Ledger, LedgerEvent, LedgerKind
 from gateway.policy import Policy, PolicyProvider
-from gateway.registry import Registry, TrustAnchorKind, VerdictRecord
+from gateway.registry import (
+    AppraisalSnapshot,
+    Registry,
+    ReleaseRecord,
+    TrustAnchorKind,
+    VerdictRecord,
+)
 from protocol import cbor
 from protocol.errors import InvalidChallenge, InvalidImage
-from protocol.ids import DeviceId, SessionId
+from protocol.ids import DeviceId, ReleaseId, SessionId
 from protocol.keys import p256_from_point
 from protocol.reasons import ReasonCode, Status
 from protocol.verifier import Appraisal, AppraisalRequest, DeviceKeys, Rejected
 
 #: Version of the ledger body of a verdict event.
 VERDICT_EVENT_VERSION: Final = 1
+
+#: Devices whose IAK public keys are kept in memory (least recently used dropped first).
+DEVICE_KEYS_CACHE_SIZE: Final = 100_000
 
 #: The gateway's clock: seconds since the epoch.
 Clock = Callable[[], int]
@@ -47,7 +70,7 @@ Clock = Callable[[], int]
 class RegistryHooks:
     """``VerifierHooks`` over the registry, the ledger and the KMS."""
 
-    __slots__ = ("_broker", "_clock", "_ledger", "_policy", "_registry")
+    __slots__ = ("_broker", "_clock", "_keys", "_keys_lock", "_ledger", "_policy", "_registry")
 
     def __init__(
         self,
@@ -69,16 +92,34 @@ class RegistryHooks:
         self._policy = policy_provider
         self._clock = clock
         self._broker = KeyBroker(registry, ledger, kms)
+        self._keys: OrderedDict[DeviceId, DeviceKeys] = OrderedDict()
+        self._keys_lock = threading.Lock()
 
     def device_keys(self, device_id: DeviceId) -> DeviceKeys | None:
-        """The enrolled IAKs of ``device_id`` (revoked devices too: the appraisal refuses them)."""
+        """The enrolled IAKs of ``device_id`` (revoked devices too: the appraisal refuses them).
+
+        Kept in memory once found: a device's IAK points never change once enrolled (the
+        registry updates only status and counters and never deletes a device), and revocation
+        is judged by the appraisal from the device row read then. Unknown devices are asked
+        again every time.
+        """
+        with self._keys_lock:
+            found = self._keys.get(device_id)
+            if found is not None:
+                self._keys.move_to_end(device_id)
+                return found
         device = self._registry.find_device(device_id)
         if device is None:
             return None
-        return DeviceKeys(
+        keys = DeviceKeys(
             secured=p256_from_point(device.iak_secured_point),
             debug=p256_from_point(device.iak_debug_point),
         )
+        with self._keys_lock:
+            self._keys[device_id] = keys
+            while len(self._keys) > DEVICE_KEYS_CACHE_SIZE:
+                self._keys.popitem(last=False)
+        return keys
 
     def consume_challenge(self, device_id: DeviceId, nonce: bytes, expires_s: int) -> bool:
         """Mark the challenge ``nonce`` used, once across every process; False when it was used
@@ -93,6 +134,8 @@ class RegistryHooks:
 
     def appraise(self, request: AppraisalRequest) -> Appraisal:
         """Appraise, release a key when the rule holds, record the verdict; see the module."""
+        if self._registry.engine is self._ledger.engine:
+            return self._appraise_in_one_transaction(request)
         policy = self._policy()
         outcome = self._appraise(request, policy)
         outcome, brokered = self._release(outcome, policy, request.now_s)
@@ -122,7 +165,78 @@ class RegistryHooks:
         self._log_verdict(record)
         return record
 
-    # --- steps of appraise
+    # --- the hot path: one read snapshot, one write transaction
+
+    def _appraise_in_one_transaction(self, request: AppraisalRequest) -> Appraisal:
+        policy = self._policy()
+        snapshot = self._registry.appraisal_snapshot(request.device_id)
+        if snapshot is None:
+            outcome = unknown_device(request, policy)
+        else:
+            outcome = self._appraise_snapshot(request, policy, snapshot)
+        now_s = request.now_s
+        with db.write_transaction(self._registry.engine, lock_key=LEDGER_LOCK_KEY) as conn:
+            outcome, brokered, events = self._release_in(conn, outcome, policy, now_s)
+            record = VerdictRecord(
+                device_id=outcome.device_id,
+                session_id=outcome.session_id,
+                status=outcome.status,
+                reasons=outcome.recorded_reasons,
+                policy_version=outcome.policy_version,
+                explanation_json=explanation_json(outcome.explanations),
+                at_s=now_s,
+            )
+            self._registry.record_verdict_in(conn, record)
+            events.append(LedgerEvent(LedgerKind.VERDICT, _verdict_body(record), record.device_id))
+            self._ledger.append_in(conn, events, now_s=now_s)
+            platform = request.claims.platform
+            if outcome.status is not Status.CONTRAINDICATED and platform is not None:
+                self._registry.raise_counters_in(
+                    conn, request.device_id, dict(platform.fuse_counters)
+                )
+        if brokered is None:
+            return outcome.to_appraisal()
+        return outcome.to_appraisal(brokered.key_release, brokered.lease)
+
+    def _appraise_snapshot(
+        self, request: AppraisalRequest, policy: Policy, snapshot: AppraisalSnapshot
+    ) -> AppraisalOutcome:
+        registry = self._registry
+        assigned_release = snapshot.assigned_release
+
+        def find_release(release: ReleaseId) -> ReleaseRecord | None:
+            if assigned_release is not None and release == assigned_release.release_id:
+                return assigned_release
+            return registry.find_release(release)
+
+        finder: FindRelease = find_release
+        return appraise(
+            request,
+            device=snapshot.device,
+            policy=policy,
+            anchors=snapshot.anchors,
+            reference_values=snapshot.reference_values,
+            epoch=snapshot.epoch,
+            assigned=snapshot.assigned,
+            find_release=finder,
+        )
+
+    def _release_in(
+        self, conn: Connection, outcome: AppraisalOutcome, policy: Policy, now_s: int
+    ) -> tuple[AppraisalOutcome, BrokeredRelease | None, list[LedgerEvent]]:
+        verdict = releasable_verdict(outcome)
+        if verdict is None:
+            return outcome, None, []
+        try:
+            brokered, event = self._broker.release_in(conn, verdict, policy=policy, now_s=now_s)
+        except KeyReleaseRefused as err:
+            return failure(outcome, err.code, got=str(err)), None, []
+        except InvalidImage:
+            got = "a stored wrapped CEK that does not open with this gateway's HPKE key"
+            return failure(outcome, ReasonCode.INTERNAL_ERROR, got=got), None, []
+        return outcome, brokered, [event]
+
+    # --- steps of appraise (registry and ledger on two engines)
 
     def _appraise(self, request: AppraisalRequest, policy: Policy) -> AppraisalOutcome:
         registry = self._registry
@@ -167,15 +281,8 @@ class RegistryHooks:
         self._log_verdict(record)
 
     def _log_verdict(self, record: VerdictRecord) -> None:
-        body = {
-            "v": VERDICT_EVENT_VERSION,
-            "session_id": record.session_id,
-            "status": record.status.value,
-            "reasons": list(record.reasons),
-            "policy_version": record.policy_version,
-        }
         self._ledger.append(
-            LedgerKind.VERDICT, cbor.dumps(body), device=record.device_id, now_s=record.at_s
+            LedgerKind.VERDICT, _verdict_body(record), device=record.device_id, now_s=record.at_s
         )
 
     def _remember_counters(self, outcome: AppraisalOutcome, request: AppraisalRequest) -> None:
@@ -192,3 +299,15 @@ class RegistryHooks:
             merged[name] = max(merged.get(name, 0), value)
         if merged != dict(device.counters):
             self._registry.set_counters(device.device_id, merged)
+
+
+def _verdict_body(record: VerdictRecord) -> bytes:
+    """The ledger body of a verdict event: canonical CBOR."""
+    body = {
+        "v": VERDICT_EVENT_VERSION,
+        "session_id": record.session_id,
+        "status": record.status.value,
+        "reasons": list(record.reasons),
+        "policy_version": record.policy_version,
+    }
+    return cbor.dumps(body)

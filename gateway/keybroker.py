@@ -24,14 +24,18 @@ in the registry and appends it to the ledger, and attaches the policy's offline 
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Final
 
+from sqlalchemy.engine import Connection
+
 from gateway.appraisal import AppraisalOutcome
 from gateway.kms import Kms
-from gateway.ledger import Ledger, LedgerKind
+from gateway.ledger import Ledger, LedgerEvent, LedgerKind
 from gateway.policy import Policy
-from gateway.registry import Registry, ReleaseRecord
+from gateway.registry import ReceiptRecord, Registry, ReleaseRecord
 from protocol import cbor
 from protocol.bundles import unwrap_release_cek
 from protocol.errors import VerificationError
@@ -42,6 +46,8 @@ from protocol.verifier import RELEASABLE_WARNINGS, KeyRelease
 
 #: Version of the ledger body of a release event.
 RELEASE_EVENT_VERSION: Final = 1
+#: Unwrapped CEKs kept in memory per broker (one per release; least recently used dropped first).
+CEK_CACHE_SIZE: Final = 256
 
 _SEAL: Final = object()
 
@@ -155,13 +161,15 @@ class BrokeredRelease:
 class KeyBroker:
     """Releases image keys for releasable verdicts, with receipts in the registry and ledger."""
 
-    __slots__ = ("_kms", "_ledger", "_registry")
+    __slots__ = ("_cek_lock", "_ceks", "_kms", "_ledger", "_registry")
 
     def __init__(self, registry: Registry, ledger: Ledger, kms: Kms) -> None:
         """Release keys held in ``registry`` with the keys of ``kms``; log to ``ledger``."""
         self._registry = registry
         self._ledger = ledger
         self._kms = kms
+        self._ceks: OrderedDict[tuple[str, bytes, int], bytes] = OrderedDict()
+        self._cek_lock = threading.Lock()
 
     def release(self, verdict: ReleasableVerdict, *, policy: Policy, now_s: int) -> BrokeredRelease:
         """Unwrap the release's CEK, sign and record a receipt, attach the policy's lease.
@@ -175,7 +183,7 @@ class KeyBroker:
             raise TypeError("KeyBroker.release takes a ReleasableVerdict")
         release = self._recheck(verdict)
         digest = bytes.fromhex(release.release_id)
-        cek = unwrap_release_cek(release.wrapped_cek, self._kms.hpke_private_key(), digest)
+        cek = self._cek(release, digest)
         key_release = KeyRelease(
             cek=cek,
             manifest_digest=digest,
@@ -187,6 +195,89 @@ class KeyBroker:
         )
         receipt = self._receipt(verdict, release, digest, now_s)
         return BrokeredRelease(key_release=key_release, lease=lease, receipt=receipt)
+
+    def release_in(
+        self, conn: Connection, verdict: ReleasableVerdict, *, policy: Policy, now_s: int
+    ) -> tuple[BrokeredRelease, LedgerEvent]:
+        """``release`` inside the caller's write transaction ``conn``: the rule is rechecked
+        against the registry as ``conn`` sees it, the receipt is inserted through ``conn``, and
+        the release's ledger event is returned for the caller to append in the same transaction
+        (``Ledger.append_in``). Nothing is kept unless the caller commits.
+
+        Raises:
+            TypeError: ``verdict`` is not a ``ReleasableVerdict``.
+            KeyReleaseRefused: the rule no longer holds against the registry as it is now.
+            InvalidImage: the stored wrapped CEK does not open with this gateway's HPKE key.
+        """
+        if not isinstance(verdict, ReleasableVerdict):
+            raise TypeError("KeyBroker.release_in takes a ReleasableVerdict")
+        release = self._recheck_in(conn, verdict)
+        digest = bytes.fromhex(release.release_id)
+        cek = self._cek(release, digest)
+        key_release = KeyRelease(
+            cek=cek,
+            manifest_digest=digest,
+            release_id=release.release_id,
+            image_size=release.size_bytes,
+        )
+        lease = Lease(
+            offline_boots=policy.lease.offline_boots, expires_s=now_s + policy.lease.duration_s
+        )
+        signed = self._sign_receipt(verdict, digest, now_s)
+        self._registry.record_receipt_in(
+            conn,
+            ReceiptRecord(verdict.device_id, verdict.session_id, release.release_id, signed, now_s),
+        )
+        event = LedgerEvent(
+            LedgerKind.RELEASE,
+            _release_body(verdict.session_id, release.release_id, signed),
+            verdict.device_id,
+        )
+        brokered = BrokeredRelease(key_release=key_release, lease=lease, receipt=signed)
+        return brokered, event
+
+    def _cek(self, release: ReleaseRecord, digest: bytes) -> bytes:
+        """The release's CEK, unwrapped once per (release, wrapped CEK, HPKE key) and kept."""
+        hpke_key = self._kms.hpke_private_key()
+        key = (release.release_id, release.wrapped_cek, id(hpke_key))
+        with self._cek_lock:
+            cached = self._ceks.get(key)
+            if cached is not None:
+                self._ceks.move_to_end(key)
+                return cached
+        cek = unwrap_release_cek(release.wrapped_cek, hpke_key, digest)
+        with self._cek_lock:
+            self._ceks[key] = cek
+            while len(self._ceks) > CEK_CACHE_SIZE:
+                self._ceks.popitem(last=False)
+        return cek
+
+    def _recheck_in(self, conn: Connection, verdict: ReleasableVerdict) -> ReleaseRecord:
+        """``_recheck`` inside the caller's transaction."""
+        release = self._registry.find_release_in(conn, verdict.release.release_id)
+        if release is None:
+            raise KeyReleaseRefused(
+                "key release: the release is no longer in the registry",
+                ReasonCode.APP_UNKNOWN_RELEASE,
+            )
+        check_release_rule(
+            status=verdict.status,
+            reasons=verdict.reasons,
+            measurements_skipped=verdict.measurements_skipped,
+            release=release,
+            product=verdict.product,
+            epoch=max(verdict.epoch, self._registry.epoch_in(conn, verdict.product)),
+        )
+        return release
+
+    def _sign_receipt(self, verdict: ReleasableVerdict, digest: bytes, now_s: int) -> bytes:
+        receipt = Receipt(
+            device_id=verdict.device_id,
+            session_id=verdict.session_id,
+            manifest_digest=digest,
+            issued_s=now_s,
+        )
+        return sign_receipt(receipt, self._kms.result_signer())
 
     def _recheck(self, verdict: ReleasableVerdict) -> ReleaseRecord:
         """Check the rule again against the registry now, not the appraisal's snapshot."""
@@ -209,13 +300,7 @@ class KeyBroker:
     def _receipt(
         self, verdict: ReleasableVerdict, release: ReleaseRecord, digest: bytes, now_s: int
     ) -> bytes:
-        receipt = Receipt(
-            device_id=verdict.device_id,
-            session_id=verdict.session_id,
-            manifest_digest=digest,
-            issued_s=now_s,
-        )
-        signed = sign_receipt(receipt, self._kms.result_signer())
+        signed = self._sign_receipt(verdict, digest, now_s)
         self._registry.record_receipt(
             verdict.device_id,
             session_id=verdict.session_id,
@@ -223,13 +308,17 @@ class KeyBroker:
             receipt=signed,
             now_s=now_s,
         )
-        body = {
-            "v": RELEASE_EVENT_VERSION,
-            "session_id": verdict.session_id,
-            "release_id": release.release_id,
-            "receipt": signed,
-        }
-        self._ledger.append(
-            LedgerKind.RELEASE, cbor.dumps(body), device=verdict.device_id, now_s=now_s
-        )
+        body = _release_body(verdict.session_id, release.release_id, signed)
+        self._ledger.append(LedgerKind.RELEASE, body, device=verdict.device_id, now_s=now_s)
         return signed
+
+
+def _release_body(session_id: SessionId, release_id: str, receipt: bytes) -> bytes:
+    """The ledger body of a release event: canonical CBOR."""
+    body = {
+        "v": RELEASE_EVENT_VERSION,
+        "session_id": session_id,
+        "release_id": release_id,
+        "receipt": receipt,
+    }
+    return cbor.dumps(body)

@@ -128,6 +128,15 @@ class LedgerEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class LedgerEvent:
+    """One event to append (``Ledger.append_in``): kind, canonical CBOR body, device."""
+
+    kind: LedgerKind
+    body: bytes
+    device: DeviceId | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LedgerHead:
     """The last entry's seq and hash (0 and ``GENESIS_HASH`` for an empty ledger)."""
 
@@ -235,25 +244,56 @@ class Ledger:
             ValueError: ``body`` is not canonical CBOR, or too large.
             TransportError: the database failed underneath.
         """
-        kind = LedgerKind(kind)
         _check_body(body)
         with db.write_transaction(self._engine, lock_key=LEDGER_LOCK_KEY) as conn:
-            head = _head(conn)
-            seq = head.seq + 1
-            digest = entry_hash(seq, kind.value, device, body, now_s, head.entry_hash)
-            entry = LedgerEntry(seq, kind, device, body, now_s, head.entry_hash, digest)
-            conn.execute(
-                sa.insert(entries_table).values(
-                    seq=seq,
-                    kind=kind.value,
-                    device=device,
-                    body=body,
-                    at_s=now_s,
-                    prev_hash=head.entry_hash,
-                    entry_hash=digest,
-                )
-            )
+            (entry,) = self.append_in(conn, [LedgerEvent(kind, body, device)], now_s=now_s)
         return entry
+
+    @staticmethod
+    def append_in(
+        conn: Connection, events: Sequence[LedgerEvent], *, now_s: int
+    ) -> tuple[LedgerEntry, ...]:
+        """Append ``events`` in order inside the caller's write transaction ``conn``.
+
+        ``conn`` must come from ``db.write_transaction(engine, lock_key=LEDGER_LOCK_KEY)`` on
+        this ledger's engine: the lock (``BEGIN IMMEDIATE`` on SQLite, the advisory lock on
+        PostgreSQL) serializes every writer, so the head read here, once per call, is the head
+        of the one chain every process shares. The entries are committed (or rolled back) with
+        the caller's transaction.
+
+        Raises:
+            ValueError: a body is not canonical CBOR, or too large.
+            TransportError: the database failed underneath.
+        """
+        checked = [(LedgerKind(event.kind), event.body, event.device) for event in events]
+        for _kind, body, _device in checked:
+            _check_body(body)
+        if not checked:
+            return ()
+        head = _head(conn)
+        seq, prev = head.seq, head.entry_hash
+        entries: list[LedgerEntry] = []
+        for kind, body, device in checked:
+            seq += 1
+            digest = entry_hash(seq, kind.value, device, body, now_s, prev)
+            entries.append(LedgerEntry(seq, kind, device, body, now_s, prev, digest))
+            prev = digest
+        _INSERT_ENTRY.run_many(
+            conn,
+            [
+                {
+                    "seq": entry.seq,
+                    "kind": entry.kind.value,
+                    "device": entry.device,
+                    "body": entry.body,
+                    "at_s": entry.at_s,
+                    "prev_hash": entry.prev_hash,
+                    "entry_hash": entry.entry_hash,
+                }
+                for entry in entries
+            ],
+        )
+        return tuple(entries)
 
     def head(self) -> LedgerHead:
         """The current head of the chain."""
@@ -481,13 +521,20 @@ def _empty_head() -> LedgerHead:
     return LedgerHead(0, GENESIS_HASH)
 
 
+_SELECT_HEAD: Final = db.HotStatement(
+    sa.select(entries_table.c.seq, entries_table.c.entry_hash)
+    .order_by(entries_table.c.seq.desc())
+    .limit(1)
+)
+_INSERT_ENTRY: Final = db.HotStatement(sa.insert(entries_table))
+
+
 def _head(conn: Connection) -> LedgerHead:
-    row = conn.execute(
-        sa.select(entries_table.c.seq, entries_table.c.entry_hash)
-        .order_by(entries_table.c.seq.desc())
-        .limit(1)
-    ).one_or_none()
-    return _empty_head() if row is None else LedgerHead(int(row.seq), bytes(row.entry_hash))
+    """The head, one indexed query (the primary key, newest first)."""
+    row = _SELECT_HEAD.first(conn)
+    if row is None:
+        return _empty_head()
+    return LedgerHead(int(row["seq"]), bytes(row["entry_hash"]))
 
 
 def _entry(row: RowMapping) -> LedgerEntry:

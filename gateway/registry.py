@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Final
+from typing import Any, Final
 
 import sqlalchemy as sa
 from cryptography import x509
@@ -336,6 +336,20 @@ class PolicyRecord:
     at_s: int
 
 
+@dataclass(frozen=True, slots=True)
+class AppraisalSnapshot:
+    """What the appraisal of one device reads, from one read transaction
+    (``Registry.appraisal_snapshot``)."""
+
+    device: DeviceRecord
+    anchors: tuple[TrustAnchor, ...]
+    reference_values: tuple[ReferenceValue, ...]
+    epoch: int
+    assigned: ReleaseId | None
+    #: The assigned release when it is in the registry (None when absent or unassigned).
+    assigned_release: ReleaseRecord | None
+
+
 # --- the registry -----------------------------------------------------------------------------
 
 
@@ -416,10 +430,8 @@ class Registry:
     def find_device(self, device: DeviceId) -> DeviceRecord | None:
         """The device ``device``, or None when it is not enrolled."""
         with db.read_transaction(self._engine) as conn:
-            row = conn.execute(
-                sa.select(devices_table).where(devices_table.c.device_id == device)
-            ).one_or_none()
-        return None if row is None else _device(row._mapping)
+            row = _SELECT_DEVICE.first(conn, {"device_id": device})
+        return None if row is None else _device(row)
 
     def get_device(self, device: DeviceId) -> DeviceRecord:
         """The device ``device``.
@@ -767,12 +779,9 @@ class Registry:
 
     def assignment(self, device: DeviceId) -> ReleaseId | None:
         """The release assigned to ``device``, or None."""
-        table = assignments_table
         with db.read_transaction(self._engine) as conn:
-            found = conn.execute(
-                sa.select(table.c.release_id).where(table.c.device_id == device)
-            ).scalar_one_or_none()
-        return None if found is None else ReleaseId(found)
+            found = _SELECT_ASSIGNMENT.first(conn, {"device_id": device})
+        return None if found is None else ReleaseId(found["release_id"])
 
     # --- challenges and command sequence numbers
 
@@ -801,7 +810,7 @@ class Registry:
         }
         try:
             with db.write_transaction(self._engine) as conn:
-                conn.execute(sa.insert(used_challenges_table).values(values))
+                _INSERT_CHALLENGE.rows(conn, values)
         except exc.IntegrityError as err:
             raise ChallengeReplayed("challenge already used") from err
 
@@ -867,7 +876,7 @@ class Registry:
             "at_s": now_s,
         }
         with db.write_transaction(self._engine) as conn:
-            conn.execute(sa.insert(verdicts_table).values(values))
+            _INSERT_VERDICT.rows(conn, values)
         return record
 
     def verdicts(self, device: DeviceId, *, limit: int | None = None) -> tuple[VerdictRecord, ...]:
@@ -895,7 +904,7 @@ class Registry:
             "at_s": now_s,
         }
         with db.write_transaction(self._engine) as conn:
-            conn.execute(sa.insert(receipts_table).values(values))
+            _INSERT_RECEIPT.rows(conn, values)
         return record
 
     def receipts(self, device: DeviceId, *, limit: int | None = None) -> tuple[ReceiptRecord, ...]:
@@ -920,14 +929,120 @@ class Registry:
 
     def latest_policy(self) -> PolicyRecord | None:
         """The newest policy, or None when none was stored."""
-        table = policies_table
         with db.read_transaction(self._engine) as conn:
-            row = conn.execute(
-                sa.select(table).order_by(table.c.version.desc()).limit(1)
-            ).one_or_none()
+            row = _SELECT_LATEST_POLICY.first(conn)
         if row is None:
             return None
-        return PolicyRecord(int(row.version), str(row.document), int(row.at_s))
+        return PolicyRecord(int(row["version"]), str(row["document"]), int(row["at_s"]))
+
+    # --- the attestation hot path: one read snapshot, writes inside a caller's transaction
+
+    def appraisal_snapshot(self, device: DeviceId) -> AppraisalSnapshot | None:
+        """Everything an appraisal of ``device`` reads, in one read transaction: the device,
+        the manufacturer CAs, the product's reference values and epoch, the assignment and the
+        assigned release. None when the device is not enrolled."""
+        with db.read_transaction(self._engine) as conn:
+            mapping = _SELECT_DEVICE_SNAPSHOT.first(conn, {"device_id": device})
+            if mapping is None:
+                return None
+            record = _device(mapping)
+            epoch = 0 if mapping["s_epoch"] is None else int(mapping["s_epoch"])
+            assigned = mapping["s_assigned"]
+            release = None
+            if mapping["s_release_id"] is not None:
+                release = _release(
+                    {column.name: mapping[f"s_{column.name}"] for column in _RELEASE_COLUMNS}
+                )
+            anchors = tuple(
+                _trust_anchor(found)
+                for found in _SELECT_ANCHORS_OF_KIND.rows(
+                    conn, {"kind": TrustAnchorKind.MANUFACTURER_CA.value}
+                )
+            )
+            references = tuple(
+                _reference_value(found)
+                for found in _SELECT_REFERENCES.rows(conn, {"product": record.product})
+            )
+        return AppraisalSnapshot(
+            device=record,
+            anchors=anchors,
+            reference_values=references,
+            epoch=epoch,
+            assigned=None if assigned is None else ReleaseId(assigned),
+            assigned_release=release,
+        )
+
+    @staticmethod
+    def find_release_in(conn: Connection, release: ReleaseId) -> ReleaseRecord | None:
+        """``find_release`` inside the caller's transaction ``conn``."""
+        return _find_release(conn, release)
+
+    @staticmethod
+    def epoch_in(conn: Connection, product: Product) -> int:
+        """``epoch`` inside the caller's transaction ``conn``."""
+        return _epoch(conn, product)
+
+    @staticmethod
+    def record_verdict_in(conn: Connection, record: VerdictRecord) -> None:
+        """Insert ``record`` (as ``record_verdict`` would) inside the caller's write transaction.
+
+        Raises:
+            ValueError: ``record.explanation_json`` is not JSON.
+        """
+        json.loads(record.explanation_json)
+        _INSERT_VERDICT.rows(
+            conn,
+            {
+                "device_id": record.device_id,
+                "session_id": record.session_id,
+                "status": Status(record.status).value,
+                "reasons_json": json.dumps(list(record.reasons)),
+                "policy_version": record.policy_version,
+                "explanation_json": record.explanation_json,
+                "at_s": record.at_s,
+            },
+        )
+
+    @staticmethod
+    def record_receipt_in(conn: Connection, record: ReceiptRecord) -> None:
+        """Insert ``record`` (as ``record_receipt`` would) inside the caller's write transaction."""
+        _INSERT_RECEIPT.rows(
+            conn,
+            {
+                "device_id": record.device_id,
+                "session_id": record.session_id,
+                "release_id": record.release_id,
+                "receipt": record.receipt,
+                "at_s": record.at_s,
+            },
+        )
+
+    @staticmethod
+    def raise_counters_in(
+        conn: Connection, device: DeviceId, seen: Mapping[str, int]
+    ) -> Mapping[str, int] | None:
+        """Raise the device's counters to at least ``seen`` (never lower one) inside the
+        caller's write transaction; the new counters, or None when nothing changed or the
+        device is not enrolled.
+
+        Raises:
+            ValueError: a counter is negative or not an integer.
+        """
+        found = _SELECT_COUNTERS.first(conn, {"device_id": device})
+        if found is None:
+            return None
+        current = _frozen_counters(json.loads(found["counters_json"]))
+        merged = dict(current)
+        for name, value in seen.items():
+            merged[name] = max(merged.get(name, 0), value)
+        if merged == dict(current):
+            return None
+        frozen = _frozen_counters(merged)
+        _UPDATE_COUNTERS.rows(
+            conn,
+            {"b_device_id": device, "b_counters_json": json.dumps(dict(frozen), sort_keys=True)},
+        )
+        return frozen
 
     # --- helpers
 
@@ -952,8 +1067,70 @@ class Registry:
 
 _RELEASE_COLUMNS: Final = tuple(c for c in releases_table.c if c.name != "sealed_image")
 
+# Statements of the attestation hot path, built once and run as ``db.HotStatement`` (on SQLite
+# straight on the driver: SQLAlchemy's per-statement work costs more than the statement itself).
+_SELECT_DEVICE: Final = db.HotStatement(
+    sa.select(devices_table).where(devices_table.c.device_id == sa.bindparam("device_id"))
+)
+# The device, its product's epoch, its assignment and the assigned release in one statement.
+_SELECT_DEVICE_SNAPSHOT: Final = db.HotStatement(
+    sa.select(
+        devices_table,
+        epochs_table.c.epoch.label("s_epoch"),
+        assignments_table.c.release_id.label("s_assigned"),
+        *(column.label(f"s_{column.name}") for column in _RELEASE_COLUMNS),
+    )
+    .select_from(
+        devices_table.outerjoin(epochs_table, epochs_table.c.product == devices_table.c.product)
+        .outerjoin(assignments_table, assignments_table.c.device_id == devices_table.c.device_id)
+        .outerjoin(releases_table, releases_table.c.release_id == assignments_table.c.release_id)
+    )
+    .where(devices_table.c.device_id == sa.bindparam("device_id"))
+)
+_SELECT_COUNTERS: Final = db.HotStatement(
+    sa.select(devices_table.c.counters_json).where(
+        devices_table.c.device_id == sa.bindparam("device_id")
+    )
+)
+_UPDATE_COUNTERS: Final = db.HotStatement(
+    sa.update(devices_table)
+    .where(devices_table.c.device_id == sa.bindparam("b_device_id"))
+    .values(counters_json=sa.bindparam("b_counters_json"))
+)
+_SELECT_ANCHORS_OF_KIND: Final = db.HotStatement(
+    sa.select(trust_anchors_table)
+    .where(trust_anchors_table.c.kind == sa.bindparam("kind"))
+    .order_by(trust_anchors_table.c.kind, trust_anchors_table.c.signer_id)
+)
+_SELECT_REFERENCES: Final = db.HotStatement(
+    sa.select(reference_values_table)
+    .where(reference_values_table.c.product == sa.bindparam("product"))
+    .order_by(
+        reference_values_table.c.component,
+        reference_values_table.c.security_counter,
+        reference_values_table.c.measurement,
+    )
+)
+_SELECT_ASSIGNMENT: Final = db.HotStatement(
+    sa.select(assignments_table.c.release_id).where(
+        assignments_table.c.device_id == sa.bindparam("device_id")
+    )
+)
+_SELECT_RELEASE: Final = db.HotStatement(
+    sa.select(*_RELEASE_COLUMNS).where(releases_table.c.release_id == sa.bindparam("release_id"))
+)
+_SELECT_EPOCH: Final = db.HotStatement(
+    sa.select(epochs_table.c.epoch).where(epochs_table.c.product == sa.bindparam("product"))
+)
+_INSERT_VERDICT: Final = db.HotStatement(sa.insert(verdicts_table))
+_INSERT_RECEIPT: Final = db.HotStatement(sa.insert(receipts_table))
+_INSERT_CHALLENGE: Final = db.HotStatement(sa.insert(used_challenges_table))
+_SELECT_LATEST_POLICY: Final = db.HotStatement(
+    sa.select(policies_table).order_by(policies_table.c.version.desc()).limit(1)
+)
 
-def _device(row: RowMapping) -> DeviceRecord:
+
+def _device(row: Mapping[Any, Any]) -> DeviceRecord:
     counters = json.loads(row["counters_json"])
     return DeviceRecord(
         device_id=DeviceId(row["device_id"]),
@@ -971,7 +1148,7 @@ def _device(row: RowMapping) -> DeviceRecord:
     )
 
 
-def _trust_anchor(row: RowMapping) -> TrustAnchor:
+def _trust_anchor(row: Mapping[Any, Any]) -> TrustAnchor:
     cert = row["cert_der"]
     return TrustAnchor(
         kind=TrustAnchorKind(row["kind"]),
@@ -983,7 +1160,7 @@ def _trust_anchor(row: RowMapping) -> TrustAnchor:
     )
 
 
-def _reference_value(row: RowMapping) -> ReferenceValue:
+def _reference_value(row: Mapping[Any, Any]) -> ReferenceValue:
     return ReferenceValue(
         product=Product(row["product"]),
         component=ComponentType(row["component"]),
@@ -1003,7 +1180,7 @@ def _same_reference(a: ReferenceValue, b: ReferenceValue) -> bool:
     )
 
 
-def _release(row: RowMapping) -> ReleaseRecord:
+def _release(row: Mapping[Any, Any]) -> ReleaseRecord:
     return ReleaseRecord(
         release_id=ReleaseId(row["release_id"]),
         product=Product(row["product"]),
@@ -1039,10 +1216,8 @@ def _receipt(row: RowMapping) -> ReceiptRecord:
 
 
 def _find_release(conn: Connection, release: ReleaseId) -> ReleaseRecord | None:
-    row = conn.execute(
-        sa.select(*_RELEASE_COLUMNS).where(releases_table.c.release_id == release)
-    ).one_or_none()
-    return None if row is None else _release(row._mapping)
+    row = _SELECT_RELEASE.first(conn, {"release_id": release})
+    return None if row is None else _release(row)
 
 
 def _check_assignable(device: DeviceRecord, release: ReleaseRecord, epoch: int) -> None:
@@ -1068,10 +1243,8 @@ def _check_certificate_key(cert_der: bytes, point: bytes) -> None:
 
 
 def _epoch(conn: Connection, product: Product) -> int:
-    found = conn.execute(
-        sa.select(epochs_table.c.epoch).where(epochs_table.c.product == product)
-    ).scalar_one_or_none()
-    return 0 if found is None else int(found)
+    found = _SELECT_EPOCH.first(conn, {"product": product})
+    return 0 if found is None else int(found["epoch"])
 
 
 def _dialect_insert(conn: Connection, table: sa.Table) -> postgresql.Insert | sqlite.Insert:

@@ -23,11 +23,11 @@ from gateway.keybroker import (
 from gateway.kms import KeyFileKms
 from gateway.ledger import LedgerKind
 from gateway.policy import LeaseRule
-from gateway.registry import Registry, ReleaseRecord
+from gateway.registry import AppraisalSnapshot, Registry, ReleaseRecord
 from protocol import cbor
 from protocol.bundles import wrap_release_cek
 from protocol.errors import InvalidSignedMessage
-from protocol.ids import Product, SessionId
+from protocol.ids import DeviceId, Product, SessionId
 from protocol.reasons import ReasonCode, Status
 from protocol.results import Lease, verify_receipt
 from protocol.verifier import Accepted, Rejected
@@ -158,6 +158,14 @@ class RacingRegistry(Registry):
         """The stored epoch, one higher from the second read on."""
         self.reads += 1
         return super().epoch(product) + (1 if self.reads > 1 else 0)
+
+    def appraisal_snapshot(self, device: DeviceId) -> AppraisalSnapshot | None:
+        """The snapshot, then another process raises the epoch (committed) before the broker's
+        recheck in the write transaction."""
+        snapshot = super().appraisal_snapshot(device)
+        assert snapshot is not None
+        self.set_epoch(snapshot.device.product, snapshot.epoch + 1, now_s=0)
+        return snapshot
 
 
 def test_epoch_raised_during_the_appraisal_refuses_the_key(

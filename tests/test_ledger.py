@@ -16,13 +16,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy.engine import Engine
 
+from gateway import db
 from gateway.db import SchemaVersionError, open_engine
 from gateway.ledger import (
     CHECKPOINT_AAD,
     GENESIS_HASH,
+    LEDGER_LOCK_KEY,
     CheckpointStatus,
     Ledger,
     LedgerCorrupt,
+    LedgerEvent,
     LedgerKind,
     LedgerReport,
     ProblemKind,
@@ -435,3 +438,49 @@ def test_concurrent_appends_from_two_engines_keep_one_chain(
     assert report.entries == 2 * per_writer
     bodies = {cbor2.loads(entry.body)[0] for entry in ledgers[1].entries()}
     assert bodies == {0, 1}
+
+
+def test_append_in_chains_several_events_in_one_transaction(
+    ledger: Ledger, result_key: ec.EllipticCurvePrivateKey
+) -> None:
+    """Events appended together inside one locked transaction extend the one chain in order."""
+    fill(ledger, 2)
+    events = [
+        LedgerEvent(LedgerKind.RELEASE, cbor.dumps({"r": 1}), DEV),
+        LedgerEvent(LedgerKind.VERDICT, cbor.dumps({"v": 1}), DEV),
+    ]
+    with db.write_transaction(ledger.engine, lock_key=LEDGER_LOCK_KEY) as conn:
+        made = Ledger.append_in(conn, events, now_s=5000)
+    assert [entry.seq for entry in made] == [3, 4]
+    assert made[1].prev_hash == made[0].entry_hash
+    assert ledger.head().entry_hash == made[1].entry_hash
+    assert ledger.verify(result_key.public_key()).ok
+
+
+def test_append_in_rolls_back_with_the_transaction(ledger: Ledger) -> None:
+    """Entries appended in a transaction that fails are not kept, and the chain is unchanged."""
+    fill(ledger, 1)
+    before = ledger.head()
+
+    def append_then_fail() -> None:
+        with db.write_transaction(ledger.engine, lock_key=LEDGER_LOCK_KEY) as conn:
+            Ledger.append_in(conn, [LedgerEvent(LedgerKind.VERDICT, cbor.dumps(1))], now_s=1)
+            raise RuntimeError("fails after the append")
+
+    with pytest.raises(RuntimeError):
+        append_then_fail()
+    assert ledger.head() == before
+
+
+def test_append_in_refuses_non_canonical_bodies(ledger: Ledger) -> None:
+    """A non-canonical body in a batch is refused and nothing of the batch is kept."""
+    events = [
+        LedgerEvent(LedgerKind.VERDICT, cbor.dumps(1)),
+        LedgerEvent(LedgerKind.VERDICT, cbor2.dumps({"b": 1, "a": 2})),
+    ]
+    with (
+        db.write_transaction(ledger.engine, lock_key=LEDGER_LOCK_KEY) as conn,
+        pytest.raises(ValueError, match="canonical"),
+    ):
+        Ledger.append_in(conn, events, now_s=1)
+    assert ledger.head().seq == 0

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy.engine import Engine
 
+from gateway import db
 from gateway.db import SchemaVersionError, open_engine
 from gateway.registry import (
     CHALLENGE_PURGE_GRACE_S,
@@ -678,3 +679,28 @@ def test_policies_only_move_forward(registry: Registry) -> None:
     assert latest.document == "require: secure_boot, smt_off"
     with pytest.raises(RegistryConflict, match="not above 3"):
         registry.add_policy(2, "x", now_s=3)
+
+
+def test_raise_counters_in_never_lowers_a_counter(registry: Registry, rng: random.Random) -> None:
+    """Counters seen are merged upwards inside a write transaction; lower values change nothing."""
+    enroll(registry, rng)
+    with db.write_transaction(registry.engine) as conn:
+        assert Registry.raise_counters_in(conn, DEV, {"app": 0, "boots": 1}) is None
+        raised = Registry.raise_counters_in(conn, DEV, {"app": 4, "new": 2})
+    assert raised is not None and dict(raised) == {"app": 4, "boots": 3, "new": 2}
+    assert dict(registry.get_device(DEV).counters) == {"app": 4, "boots": 3, "new": 2}
+    with db.write_transaction(registry.engine) as conn:
+        assert Registry.raise_counters_in(conn, DeviceId("nobody"), {"app": 9}) is None
+
+
+def test_appraisal_snapshot_reads_what_the_appraisal_needs(
+    registry: Registry, rng: random.Random
+) -> None:
+    """The snapshot holds the device, its epoch and assignment, or None for an unknown device."""
+    enroll(registry, rng)
+    snapshot = registry.appraisal_snapshot(DEV)
+    assert snapshot is not None
+    assert snapshot.device == registry.get_device(DEV)
+    assert (snapshot.epoch, snapshot.assigned, snapshot.assigned_release) == (0, None, None)
+    assert snapshot.reference_values == registry.reference_values(THERMO)
+    assert registry.appraisal_snapshot(DeviceId("nobody")) is None
