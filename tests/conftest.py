@@ -9,13 +9,15 @@ from __future__ import annotations
 import os
 import random
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
 
 from gateway.broker import Broker, find_mosquitto, running_mosquitto
+from gateway.db import open_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI") == "true"
@@ -96,3 +98,26 @@ def pg_url() -> Iterator[str]:
             yield f"{base}?options=-csearch_path%3D{schema}"
         finally:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database URL for one test: a SQLite file, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'test.db'}"
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+@pytest.fixture
+def engines(db_url: str) -> Iterator[Callable[[], Engine]]:
+    """A factory of engines on the test's database (each disposed afterwards)."""
+    made: list[Engine] = []
+
+    def make() -> Engine:
+        made.append(open_engine(db_url))
+        return made[-1]
+
+    yield make
+    for engine in made:
+        engine.dispose()

@@ -5,8 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 import threading
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import cbor2
 import pytest
@@ -17,7 +16,7 @@ from hypothesis import strategies as st
 from sqlalchemy.engine import Engine
 
 from gateway import db
-from gateway.db import SchemaVersionError, open_engine
+from gateway.db import SchemaVersionError
 from gateway.ledger import (
     CHECKPOINT_AAD,
     GENESIS_HASH,
@@ -39,29 +38,6 @@ from protocol.keys import derive_p256
 
 DEV = DeviceId("dev-0001")
 OTHER = DeviceId("dev-0002")
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A database URL for one test: a SQLite file, or a fresh PostgreSQL schema."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ledger.db'}"
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
-@pytest.fixture
-def engines(db_url: str) -> Iterator[Callable[[], Engine]]:
-    """A factory of engines on the test's database (each disposed afterwards)."""
-    made: list[Engine] = []
-
-    def make() -> Engine:
-        made.append(open_engine(db_url))
-        return made[-1]
-
-    yield make
-    for engine in made:
-        engine.dispose()
 
 
 @pytest.fixture

@@ -48,29 +48,6 @@ DEV = DeviceId("dev-0001")
 _DEVICE_NUMBERS = itertools.count()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A database URL for one test: a SQLite file, or a fresh PostgreSQL schema."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'registry.db'}"
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
-@pytest.fixture
-def engines(db_url: str) -> Iterator[Callable[[], Engine]]:
-    """A factory of engines on the test's database (each disposed afterwards)."""
-    made: list[Engine] = []
-
-    def make() -> Engine:
-        made.append(open_engine(db_url))
-        return made[-1]
-
-    yield make
-    for engine in made:
-        engine.dispose()
-
-
 @pytest.fixture
 def registry(engines: Callable[[], Engine]) -> Registry:
     """A registry on a fresh database."""
