@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -255,20 +256,9 @@ class KeyBroker:
     def _recheck_in(self, conn: Connection, verdict: ReleasableVerdict) -> ReleaseRecord:
         """``_recheck`` inside the caller's transaction."""
         release = self._registry.find_release_in(conn, verdict.release.release_id)
-        if release is None:
-            raise KeyReleaseRefused(
-                "key release: the release is no longer in the registry",
-                ReasonCode.APP_UNKNOWN_RELEASE,
-            )
-        check_release_rule(
-            status=verdict.status,
-            reasons=verdict.reasons,
-            measurements_skipped=verdict.measurements_skipped,
-            release=release,
-            product=verdict.product,
-            epoch=max(verdict.epoch, self._registry.epoch_in(conn, verdict.product)),
+        return _recheck_rule(
+            verdict, release, lambda: self._registry.epoch_in(conn, verdict.product)
         )
-        return release
 
     def _sign_receipt(self, verdict: ReleasableVerdict, digest: bytes, now_s: int) -> bytes:
         receipt = Receipt(
@@ -282,20 +272,7 @@ class KeyBroker:
     def _recheck(self, verdict: ReleasableVerdict) -> ReleaseRecord:
         """Check the rule again against the registry now, not the appraisal's snapshot."""
         release = self._registry.find_release(verdict.release.release_id)
-        if release is None:
-            raise KeyReleaseRefused(
-                "key release: the release is no longer in the registry",
-                ReasonCode.APP_UNKNOWN_RELEASE,
-            )
-        check_release_rule(
-            status=verdict.status,
-            reasons=verdict.reasons,
-            measurements_skipped=verdict.measurements_skipped,
-            release=release,
-            product=verdict.product,
-            epoch=max(verdict.epoch, self._registry.epoch(verdict.product)),
-        )
-        return release
+        return _recheck_rule(verdict, release, lambda: self._registry.epoch(verdict.product))
 
     def _receipt(
         self, verdict: ReleasableVerdict, release: ReleaseRecord, digest: bytes, now_s: int
@@ -322,3 +299,23 @@ def _release_body(session_id: SessionId, release_id: str, receipt: bytes) -> byt
         "receipt": receipt,
     }
     return cbor.dumps(body)
+
+
+def _recheck_rule(
+    verdict: ReleasableVerdict, release: ReleaseRecord | None, current_epoch: Callable[[], int]
+) -> ReleaseRecord:
+    """The release rule against the release and epoch as the registry holds them now."""
+    if release is None:
+        raise KeyReleaseRefused(
+            "key release: the release is no longer in the registry",
+            ReasonCode.APP_UNKNOWN_RELEASE,
+        )
+    check_release_rule(
+        status=verdict.status,
+        reasons=verdict.reasons,
+        measurements_skipped=verdict.measurements_skipped,
+        release=release,
+        product=verdict.product,
+        epoch=max(verdict.epoch, current_epoch()),
+    )
+    return release
