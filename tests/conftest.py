@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy import Engine
 
 from gateway.broker import Broker, find_mosquitto, running_mosquitto
 from gateway.db import open_engine
+
+if TYPE_CHECKING:
+    from device.attacks.playbook import Bench
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI") == "true"
@@ -75,6 +80,24 @@ def broker() -> Iterator[Broker]:
         missing("mosquitto is not installed (apt-get install mosquitto)")
     with running_mosquitto() as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def attack_bench(broker: Broker) -> Iterator[Bench]:
+    """One attack bench for the session: workspaces, three boards, a release, the gateway serving.
+
+    Shared by every ``tests/test_attacks*.py`` module; each attack restores what it touched.
+    """
+    from device.attacks.playbook import Bench
+
+    with tempfile.TemporaryDirectory(prefix="edgeseal-attack-") as tmp:
+        made = Bench(Path(tmp), broker.url)
+        made.setup()
+        made.start_gateway()
+        try:
+            yield made
+        finally:
+            made.stop()
 
 
 @pytest.fixture

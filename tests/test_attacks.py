@@ -2,32 +2,26 @@
 
 from __future__ import annotations
 
+import importlib
 import json
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Final
 
 import pytest
 
-from device.attacks.playbook import ATTACKS, ATTACKS_BY_NAME, Bench, exfil_attempt, run_attack
+from device.attacks.catalog import ATTACKS, ATTACKS_BY_NAME, run_attack
+from device.attacks.playbook import Bench, exfil_attempt
 from device.attacks.report import AttackReport, Outcome, Where
-from gateway.broker import Broker, running_mosquitto
+from gateway.broker import running_mosquitto
 from protocol.errors import UsageError
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
 
-@pytest.fixture(scope="module")
-def bench(broker: Broker) -> Iterator[Bench]:
-    """One bench for the module: workspaces, three boards, a release, the gateway serving."""
-    with tempfile.TemporaryDirectory(prefix="edgeseal-attack-") as tmp:
-        made = Bench(Path(tmp), broker.url)
-        made.setup()
-        made.start_gateway()
-        try:
-            yield made
-        finally:
-            made.stop()
+@pytest.fixture
+def bench(attack_bench: Bench) -> Bench:
+    """The session's attack bench (tests/conftest.py)."""
+    return attack_bench
 
 
 def assert_defended(report: AttackReport, *where: Where) -> None:
@@ -48,25 +42,26 @@ def test_genuine_board_runs_and_leaks_nothing(bench: Bench) -> None:
     assert scan.clean and scan.scanned_bytes > 0
 
 
-@pytest.mark.parametrize(
-    ("name", "where"),
-    [
-        ("flash-dump", (Where.PREVENTED,)),
-        ("ciphertext-bitflip", (Where.DEVICE,)),
-        ("manifest-tamper", (Where.DEVICE,)),
-        ("bl2-tamper", (Where.DEVICE,)),
-        ("debug-unlock", (Where.GATEWAY, Where.LEDGER)),
-        ("flash-clone", (Where.GATEWAY, Where.LEDGER)),
-        ("nw-memory", (Where.PREVENTED,)),
-        ("revoked", (Where.GATEWAY, Where.LEDGER)),
-        ("exfil-runtime", (Where.GATEWAY, Where.LEDGER)),
-        ("power-cut", (Where.DEVICE,)),
-        ("malformed-frames", (Where.DEVICE,)),
-        ("evidence-replay", (Where.GATEWAY,)),
-        ("image-swap", (Where.DEVICE,)),
-        ("stage-rollback", (Where.DEVICE,)),
-    ],
-)
+#: (attack, where it must be detected): the parametrized cases of this module.
+CASES: Final[list[tuple[str, tuple[Where, ...]]]] = [
+    ("flash-dump", (Where.PREVENTED,)),
+    ("ciphertext-bitflip", (Where.DEVICE,)),
+    ("manifest-tamper", (Where.DEVICE,)),
+    ("bl2-tamper", (Where.DEVICE,)),
+    ("debug-unlock", (Where.GATEWAY, Where.LEDGER)),
+    ("flash-clone", (Where.GATEWAY, Where.LEDGER)),
+    ("nw-memory", (Where.PREVENTED,)),
+    ("revoked", (Where.GATEWAY, Where.LEDGER)),
+    ("exfil-runtime", (Where.GATEWAY, Where.LEDGER)),
+    ("power-cut", (Where.DEVICE,)),
+    ("malformed-frames", (Where.DEVICE,)),
+    ("evidence-replay", (Where.GATEWAY,)),
+    ("image-swap", (Where.DEVICE,)),
+    ("stage-rollback", (Where.DEVICE,)),
+]
+
+
+@pytest.mark.parametrize(("name", "where"), CASES)
 def test_attack_is_defended_where_expected(
     bench: Bench, name: str, where: tuple[Where, ...]
 ) -> None:
@@ -97,12 +92,11 @@ def test_power_cut_covers_100_cut_points(bench: Bench) -> None:
 
 
 def test_every_playbook_attack_is_tested() -> None:
-    """Each attack in the playbook has a case in the parametrized test above."""
-    tested = {
-        "flash-dump", "ciphertext-bitflip", "manifest-tamper", "bl2-tamper", "debug-unlock",
-        "flash-clone", "nw-memory", "revoked", "exfil-runtime", "power-cut", "malformed-frames",
-        "evidence-replay", "image-swap", "stage-rollback",
-    }  # fmt: skip
+    """Each attack of the catalog is a case of ``CASES`` in one of the tests/test_attacks*.py."""
+    tested: set[str] = set()
+    for path in sorted(Path(__file__).parent.glob("test_attacks*.py")):
+        module = importlib.import_module(f"tests.{path.stem}")
+        tested |= {name for name, _ in getattr(module, "CASES", [])}
     assert {a.name for a in ATTACKS} == tested
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import click
 
-from device.attacks.playbook import ATTACKS, ATTACKS_BY_NAME, NOT_YET, Bench, run_attack
+from device.attacks.catalog import ATTACKS, ATTACKS_BY_NAME, NOT_YET, run_attack
+from device.attacks.playbook import Bench
 from device.attacks.report import AttackReport, Outcome
 from device.attacks.scanner import (
     Scanner,

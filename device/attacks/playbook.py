@@ -1050,33 +1050,3 @@ ATTACKS: Final[tuple[Attack, ...]] = (
     ),
 )
 ATTACKS_BY_NAME: Final = {a.name: a for a in ATTACKS}
-
-#: Attacks of DESIGN §13 not in this playbook yet (named so a report can say so).
-NOT_YET: Final = (
-    "rollback", "stale-challenge",
-    "grant-mitm", "forged-command", "clock-rollback",
-    "nw-forged-evidence",
-)  # fmt: skip
-
-
-def run_attack(bench: Bench, name: str) -> AttackReport:
-    """Run one attack by name; a harness failure becomes a report with ``error``.
-
-    Raises:
-        UsageError: no attack has that name.
-    """
-    attack = ATTACKS_BY_NAME.get(name)
-    if attack is None:
-        raise UsageError(f"no attack named {name!r}; see 'attack list'")
-    try:
-        return attack.run(bench)
-    except (BenchError, OSError, ValueError) as err:
-        return AttackReport(
-            name=name,
-            attacker_did=attack.attacker_did,
-            defence_expected=attack.defence,
-            what_happened="the harness failed",
-            expected_at=attack.expected_at,
-            detected_at=(),
-            error=str(err)[:300],
-        )
