@@ -219,11 +219,81 @@ def _hmac(key: bytes, protected: bytes, external_aad: bytes, payload: bytes) -> 
     return hmac.digest(key, mac_structure, "sha256")
 
 
+#: ``["Signature1", …`` in deterministic CBOR: a 4-array and the 10-character context string.
+_SIG1_CONTEXT: Final = b"\x84\x6aSignature1"
+
+
+def _bstr_head(length: int) -> bytes:
+    """The shortest CBOR head of a byte string of ``length`` bytes (RFC 8949 §4.2.1)."""
+    if length < 24:
+        return bytes((0x40 | length,))
+    if length < 0x100:
+        return bytes((0x58, length))
+    if length < 0x10000:
+        return b"\x59" + length.to_bytes(2, "big")
+    if length < 0x1_0000_0000:
+        return b"\x5a" + length.to_bytes(4, "big")
+    return b"\x5b" + length.to_bytes(8, "big")
+
+
 def _sig_structure(protected: bytes, external_aad: bytes, payload: bytes) -> bytes:
-    return cbor.dumps(["Signature1", protected, external_aad, payload])
+    # Sig_structure (RFC 9052 §4.4) in deterministic CBOR, written directly: byte-identical to
+    # cbor.dumps(["Signature1", protected, external_aad, payload]) (a property test holds it).
+    return b"".join(
+        (
+            _SIG1_CONTEXT,
+            _bstr_head(len(protected)),
+            protected,
+            _bstr_head(len(external_aad)),
+            external_aad,
+            _bstr_head(len(payload)),
+            payload,
+        )
+    )
+
+
+#: How our COSE_Sign1 starts: tag 18, a 4-array, protected ``{1: -7}``, empty unprotected.
+_ES256_HEAD_TAGGED: Final = b"\xd2\x84\x43\xa1\x01\x26\xa0"
+_ES256_SIGNATURE_HEAD: Final = b"\x58\x40"
+
+
+def _parse_es256_layout(message: bytes) -> CoseMessage | None:
+    """The fixed layout of an ES256 COSE_Sign1 with no unprotected header, without a decoder.
+
+    ``[tag 18] [h'a10126', {}, bstr payload, bstr .size 64]``: exactly the bytes a generic decode
+    would accept for that structure (the length must match to the byte, so nothing trails), and
+    the same ``CoseMessage``. Anything else returns None and takes the generic path.
+    """
+    start = 0 if message.startswith(_ES256_HEAD_TAGGED) else 1
+    if start and not message.startswith(_ES256_HEAD_TAGGED[1:]):
+        return None
+    at = len(_ES256_HEAD_TAGGED) - start
+    if at >= len(message):
+        return None
+    head = message[at]
+    if 0x40 <= head <= 0x57:
+        size, at = head - 0x40, at + 1
+    elif head == 0x58 and at + 2 <= len(message):
+        size, at = message[at + 1], at + 2
+    elif head == 0x59 and at + 3 <= len(message):
+        size, at = int.from_bytes(message[at + 1 : at + 3], "big"), at + 3
+    else:
+        return None
+    end = at + size
+    if len(message) != end + 66 or message[end : end + 2] != _ES256_SIGNATURE_HEAD:
+        return None
+    return CoseMessage(_PROTECTED_ES256, Algorithm.ES256, None, message[at:end], message[end + 2 :])
 
 
 def _parse(message: bytes, tag: int, what: str) -> CoseMessage:
+    if tag == TAG_SIGN1 and type(message) is bytes and len(message) <= MAX_MESSAGE_BYTES:
+        fast = _parse_es256_layout(message)
+        if fast is not None:
+            return fast
+    return _parse_decoded(message, tag, what)
+
+
+def _parse_decoded(message: bytes, tag: int, what: str) -> CoseMessage:
     obj = cbor.untag(
         cbor.loads(message, what=what, max_bytes=MAX_MESSAGE_BYTES), tag, what=what, required=False
     )

@@ -315,19 +315,17 @@ def _claims_from_map(obj: object) -> PsaClaims:
     if rules is None:
         raise MalformedMessage(f"{_WHAT}.profile: unsupported profile {profile!r:.80}")
     return PsaClaims(
-        profile=profile,
-        client_id=_int(claims, CLAIM_CLIENT_ID, "client id", CLIENT_ID_MIN, CLIENT_ID_MAX),
-        lifecycle=_lifecycle(claims),
-        implementation_id=_bytes(claims, CLAIM_IMPLEMENTATION_ID, _WHAT, "implementation id", _ID),
-        boot_seed=_boot_seed(claims, rules),
-        instance_id=_instance_id(claims),
-        nonce=_bytes(claims, CLAIM_NONCE, _WHAT, "nonce", HASH_SIZES),
-        software_components=_components(claims),
-        certification_reference=_certification_reference(claims, rules),
-        verification_service=_opt_text(
-            claims, CLAIM_VERIFICATION_SERVICE, _WHAT, "verification service"
-        ),
-        platform=_platform(claims),
+        profile,
+        _int(claims, CLAIM_CLIENT_ID, "client id", CLIENT_ID_MIN, CLIENT_ID_MAX),
+        _lifecycle(claims),
+        _bytes(claims, CLAIM_IMPLEMENTATION_ID, _WHAT, "implementation id", _ID),
+        _boot_seed(claims, rules),
+        _instance_id(claims),
+        _bytes(claims, CLAIM_NONCE, _WHAT, "nonce", HASH_SIZES),
+        _components(claims),
+        _certification_reference(claims, rules),
+        _opt_text(claims, CLAIM_VERIFICATION_SERVICE, _WHAT, "verification service"),
+        _platform(claims),
     )
 
 
@@ -379,10 +377,42 @@ def _components(claims: dict[object, object]) -> tuple[SoftwareComponent, ...]:
     return tuple([_component(item, index) for index, item in enumerate(items)])
 
 
+def _text_ok(value: object) -> bool:
+    return value is _MISSING or (type(value) is str and len(value) <= MAX_TEXT)
+
+
 _COMPONENT_WHERE: Final = tuple(f"{_WHAT}.software components[{i}]" for i in range(MAX_COMPONENTS))
 
 
 def _component(obj: object, index: int) -> SoftwareComponent:
+    # The common case in one pass (each claim: one look-up, one exact type test); anything else
+    # goes through the per-claim getters below, which name what is wrong.
+    if type(obj) is dict:
+        value = obj.get(COMPONENT_VALUE, _MISSING)
+        signer = obj.get(COMPONENT_SIGNER_ID, _MISSING)
+        kind = obj.get(COMPONENT_TYPE, _MISSING)
+        version = obj.get(COMPONENT_VERSION, _MISSING)
+        desc = obj.get(COMPONENT_DESC, _MISSING)
+        if (
+            type(value) is bytes
+            and len(value) in HASH_SIZES
+            and type(signer) is bytes
+            and len(signer) in HASH_SIZES
+            and _text_ok(kind)
+            and _text_ok(version)
+            and _text_ok(desc)
+        ):
+            return SoftwareComponent(
+                value,
+                signer,
+                None if kind is _MISSING else kind,
+                None if version is _MISSING else version,
+                None if desc is _MISSING else desc,
+            )
+    return _component_checked(obj, index)
+
+
+def _component_checked(obj: object, index: int) -> SoftwareComponent:
     where = _COMPONENT_WHERE[index]
     component = _as_map(obj, where)
     return SoftwareComponent(

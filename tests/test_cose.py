@@ -397,3 +397,72 @@ def test_structured_junk_raises_only_malformed(body: list[object], tag: int | No
         return
     with pytest.raises(InvalidSignature):
         cose.verify_parsed(parsed, KEY.public_key())
+
+
+# --- the hand-written fast paths equal the generic ones -------------------------------------------
+
+_KEY = ec.derive_private_key(7, ec.SECP256R1())
+
+
+@pytest.mark.parametrize("size", [0, 1, 23, 24, 255, 256, 65535, 65536])
+def test_sig_structure_is_deterministic_cbor(size: int) -> None:
+    """The hand-written Sig_structure equals the CBOR encoder's at every length boundary."""
+    payload, aad = bytes(range(256)) * (size // 256) + bytes(size % 256), b"\x01" * (size % 40)
+    expected = cbor.dumps(["Signature1", b"\xa1\x01\x26", aad, payload])
+    assert cose._sig_structure(b"\xa1\x01\x26", aad, payload) == expected
+
+
+@given(payload=st.binary(max_size=65_535), tagged=st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_es256_layout_fast_path_equals_the_decoder(payload: bytes, tagged: bool) -> None:
+    """Every COSE_Sign1 we write with a payload under 64 KiB takes the fast path, same result."""
+    message = cose.sign1_create(payload, _KEY, tagged=tagged)
+    fast = cose._parse_es256_layout(message)
+    assert fast is not None
+    assert fast == cose._parse_decoded(message, cose.TAG_SIGN1, "COSE_Sign1")
+
+
+@given(
+    payload=st.binary(max_size=300),
+    edits=st.lists(
+        st.tuples(st.integers(0, 400), st.integers(0, 255), st.sampled_from(["set", "ins", "del"])),
+        min_size=1,
+        max_size=4,
+    ),
+    cut=st.integers(0, 8),
+)
+@settings(max_examples=400, deadline=None)
+def test_es256_layout_fast_path_never_disagrees(
+    payload: bytes, edits: list[tuple[int, int, str]], cut: int
+) -> None:
+    """On mutated messages the fast path either declines or gives exactly what decoding gives."""
+    data = bytearray(cose.sign1_create(payload, _KEY))
+    for at, value, kind in edits:
+        at %= len(data) + 1
+        if kind == "set" and at < len(data):
+            data[at] = value
+        elif kind == "ins":
+            data.insert(at, value)
+        elif kind == "del" and at < len(data):
+            del data[at]
+    message = bytes(data[: len(data) - cut])
+    fast = cose._parse_es256_layout(message)
+    if fast is None:
+        return
+    assert fast == cose._parse_decoded(message, cose.TAG_SIGN1, "COSE_Sign1")
+
+
+def test_es256_layout_declines_other_shapes() -> None:
+    """A kid, another algorithm, a non-bytes payload or trailing bytes go to the decoder."""
+    with_kid = cose.sign1_create(b"x", _KEY, kid=b"k")
+    assert cose._parse_es256_layout(with_kid) is None
+    assert cose.sign1_parse_unverified(with_kid).kid == b"k"
+    plain = cose.sign1_create(b"payload", _KEY)
+    assert cose._parse_es256_layout(plain + b"\x00") is None
+    with pytest.raises(MalformedMessage, match="trailing"):
+        cose.sign1_parse_unverified(plain + b"\x00")
+    assert cose._parse_es256_layout(plain[:-1]) is None
+    assert cose._parse_es256_layout(b"") is None and cose._parse_es256_layout(b"\xd2") is None
+    big = cose.sign1_create(bytes(65_536), _KEY)  # a 4-byte length: the decoder's business
+    assert cose._parse_es256_layout(big) is None
+    assert cose.sign1_verify(big, _KEY.public_key()) == bytes(65_536)
