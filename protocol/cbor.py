@@ -30,6 +30,22 @@ def dumps(obj: object) -> bytes:
     return encoded
 
 
+def bstr_head(length: int) -> bytes:
+    """The shortest CBOR head of a byte string of ``length`` bytes (RFC 8949 §3.1, §4.2.1).
+
+    For writers that put large byte strings in place without copying them through the encoder.
+    """
+    if length < 24:
+        return bytes((0x40 | length,))
+    if length < 0x100:
+        return bytes((0x58, length))
+    if length < 0x1_0000:
+        return b"\x59" + length.to_bytes(2, "big")
+    if length < 0x1_0000_0000:
+        return b"\x5a" + length.to_bytes(4, "big")
+    return b"\x5b" + length.to_bytes(8, "big")
+
+
 def loads(data: bytes, *, what: str, max_bytes: int = DEFAULT_MAX_BYTES) -> object:
     """Decode exactly one CBOR item from ``data``.
 

@@ -223,30 +223,17 @@ def _hmac(key: bytes, protected: bytes, external_aad: bytes, payload: bytes) -> 
 _SIG1_CONTEXT: Final = b"\x84\x6aSignature1"
 
 
-def _bstr_head(length: int) -> bytes:
-    """The shortest CBOR head of a byte string of ``length`` bytes (RFC 8949 §4.2.1)."""
-    if length < 24:
-        return bytes((0x40 | length,))
-    if length < 0x100:
-        return bytes((0x58, length))
-    if length < 0x10000:
-        return b"\x59" + length.to_bytes(2, "big")
-    if length < 0x1_0000_0000:
-        return b"\x5a" + length.to_bytes(4, "big")
-    return b"\x5b" + length.to_bytes(8, "big")
-
-
 def _sig_structure(protected: bytes, external_aad: bytes, payload: bytes) -> bytes:
     # Sig_structure (RFC 9052 §4.4) in deterministic CBOR, written directly: byte-identical to
     # cbor.dumps(["Signature1", protected, external_aad, payload]) (a property test holds it).
     return b"".join(
         (
             _SIG1_CONTEXT,
-            _bstr_head(len(protected)),
+            cbor.bstr_head(len(protected)),
             protected,
-            _bstr_head(len(external_aad)),
+            cbor.bstr_head(len(external_aad)),
             external_aad,
-            _bstr_head(len(payload)),
+            cbor.bstr_head(len(payload)),
             payload,
         )
     )

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -220,6 +221,10 @@ def test_seal_open_round_trips_any_payload(plaintext: bytes, counter: int) -> No
     data = seal(plaintext, security_counter=counter)
     sealed = parse_unverified_image(data)
     assert len(sealed.ciphertext) == len(plaintext) + 16
+    # The in-place seal writes what the plain AEAD call gives, and the image re-encodes to itself.
+    aad = image.associated_data(sealed.manifest)
+    assert sealed.ciphertext == AESGCM(CEK).encrypt(sealed.manifest.iv, plaintext, aad)
+    assert type(data) is bytes and sealed.encode() == data
     assert open_image(sealed, CEK, trusted_vendors=TRUSTED, min_security_counter=counter) == (
         plaintext
     )

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import hashlib
 import os
@@ -40,7 +39,6 @@ DEVICES = 1000
 TARGET_DEVICES_PER_S = 100.0
 BUNDLE_BYTES = 10 * MIB
 NOW_S = 1_800_000_000
-_M_TRIM_THRESHOLD = -1  # glibc malloc.h
 
 
 def manufacture_rate(work: Path, workspace: vendor.Vendor) -> float:
@@ -80,15 +78,6 @@ def ten_mib_bundle() -> AppBundle:
     return AppBundle(sources=tuple(sources), compiled=tuple(compiled))
 
 
-def _trim_threshold(size_bytes: int) -> bool:
-    """Set glibc's M_TRIM_THRESHOLD (mallopt); False where there is no glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(_M_TRIM_THRESHOLD, size_bytes))
-
-
 def seal_figures(workspace: vendor.Vendor) -> list[Figure]:
     """Sealing a 10 MiB bundle, and the whole release build, beside their primitives' bounds."""
     bundle = ten_mib_bundle()
@@ -124,24 +113,12 @@ def seal_figures(workspace: vendor.Vendor) -> list[Figure]:
     release_bound = combined(
         aes_rate, sha_rate, sha_rate, sha_rate, sign_rate, sign_rate, hpke_rate
     )
-    figures = [
+    return [
         Figure("seal 10 MiB app bundle", rate(seal, min_time_s=1.0), seal_bound, 0.8),
         Figure(
             "release build, 10 MiB (seal+wrap+sign)", rate(release, min_time_s=1.0), release_bound
         ),
     ]
-    # Why the ratio is below 1: each seal allocates three fresh 10 MiB buffers, and glibc returns
-    # the freed ones to the kernel (the heap top exceeds its trim threshold), so every iteration
-    # page-faults 30 MiB back in; the primitives, timed alone, reuse one buffer. Shown, not used.
-    if _trim_threshold(1 << 30):
-        figures.append(
-            Figure(
-                "seal 10 MiB, glibc trim threshold 1 GiB",
-                rate(seal, min_time_s=1.0),
-                seal_bound,
-            )
-        )
-    return figures
 
 
 def main() -> int:
