@@ -23,11 +23,13 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from device import factory
+from device.attacks.scanner import Scanner, Secret
 from device.hardware.flash import Flash, FlashLayout
 from device.hardware.power import Board
 from device.hardware.slots import SlotStatus, SlotStore, Swap
@@ -827,6 +829,18 @@ def test_nw_process_flash_and_mqtt_never_hold_the_secret(
     device = DeviceId("nw-secret-1")
     home = tmp_path / "board"
     gateway.add(device, manufacture_board(home, pki, device, app), app)
+    # Every 48-byte run of the plaintext bundle, the CEK and the canary (device.attacks.scanner).
+    sealed = image.parse_unverified_image(app.image)
+    plaintext = AESGCM(cek).decrypt(
+        sealed.manifest.iv, sealed.ciphertext, image.associated_data(sealed.manifest)
+    )
+    assert CANARY in plaintext  # the app really holds the canary
+    scanner = Scanner(
+        [Secret("plaintext", plaintext), Secret("cek", cek)], [Secret("canary", CANARY)]
+    )
+    assert scanner.scan_bytes(b"x" + plaintext[100:148] + b"y", "probe"), (
+        "the scanner must see a run"
+    )
     argv = [sys.executable, "-m", "device", "run", "--home", str(home), "--broker", broker.url]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -838,17 +852,18 @@ def test_nw_process_flash_and_mqtt_never_hold_the_secret(
         regions = list(readable_memory(proc.pid))
         # The scan sees the NW's own state (a positive control), never the secrets.
         assert any(device.encode() in region for region in regions)
-        assert [s for r in regions for s in (CANARY, cek) if s in r] == []
+        memory = scanner.scan_process(proc.pid)
+        assert memory.scanned_bytes > 0 and memory.clean, memory.to_json()
     finally:
         proc.terminate()
         _, stderr = proc.communicate(timeout=15)
     assert proc.returncode == 0, stderr.decode()[-400:]
     assert b"Traceback" not in stderr
-    flash = (home / "flash.bin").read_bytes()
-    assert CANARY not in flash and cek not in flash
+    flash = scanner.scan_paths([home / "flash.bin"])
+    assert flash.scanned_bytes > 0 and flash.clean, flash.to_json()
     traffic = b"".join(e.payload for e in gateway.captured)
-    assert traffic and CANARY not in traffic and cek not in traffic
-    assert CANARY not in stderr and cek.hex().encode() not in stderr
+    assert traffic and scanner.scan_bytes(traffic, "mqtt") == []
+    assert scanner.scan_bytes(stderr, "stderr") == [] and cek.hex().encode() not in stderr
 
 
 def test_refused_device_retries_with_a_new_session_and_obeys_revoke(
