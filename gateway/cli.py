@@ -560,8 +560,14 @@ def _resolve_release(registry: Registry, text: str) -> ReleaseId:
 @cli.command()
 @click.argument("device")
 @click.argument("release")
+@click.option(
+    "--broker",
+    "broker_url",
+    default=None,
+    help="Also publish a signed update command, so a running device fetches it now.",
+)
 @click.pass_context
-def assign(ctx: click.Context, device: str, release: str) -> None:
+def assign(ctx: click.Context, device: str, release: str, broker_url: str | None) -> None:
     """Assign RELEASE (an id or a unique prefix) to DEVICE."""
     env = _env(ctx)
     device_id = ids.device_id(device)
@@ -570,8 +576,10 @@ def assign(ctx: click.Context, device: str, release: str) -> None:
     env.registry().assign(device_id, release_id, now_s=now_s)
     body = {"v": 1, "event": "assigned", "release": release_id}
     env.ledger().append(LedgerKind.RELEASE, cbor.dumps(body), device=device_id, now_s=now_s)
-    env.checkpoint()
     click.echo(f"assigned {release_id} to {device_id}")
+    if broker_url is not None:
+        _publish_command(env, broker_url, device_id, CommandKind.UPDATE, release_id)
+    env.checkpoint()
 
 
 @cli.group(cls=_Group)
@@ -691,21 +699,47 @@ def revoke(ctx: click.Context, device: str, reason: str, broker_url: str | None)
     device_id = ids.device_id(device)
     _revoke(env, device_id, reason)
     if broker_url is not None:
-        address = parse_broker_url(broker_url)
-        with env.workspace().open_kms() as kms:
-            issuer = CommandIssuer(
-                env.registry(), env.ledger(), kms.result_signer(), clock=time.time
-            )
-            outgoing = issuer.issue(device_id, CommandKind.REVOKE)
-        client = MqttClient(address, client_id=f"edgeseal-gateway-cli-{device_id}")
-        client.start()
-        try:
-            client.publish_and_wait(outgoing.topic, outgoing.payload)
-        finally:
-            client.stop()
-        click.echo(f"published revoke command {outgoing.command.seq} to {device_id}")
+        _publish_command(env, broker_url, device_id, CommandKind.REVOKE)
     env.checkpoint()
     click.echo(f"revoked {device_id}")
+
+
+@cli.command()
+@click.argument("device")
+@click.option("--broker", "broker_url", required=True, help="The broker the device listens on.")
+@click.pass_context
+def reattest(ctx: click.Context, device: str, broker_url: str) -> None:
+    """Ask DEVICE to attest again now (a signed re-attest command), e.g. after a policy change."""
+    env = _env(ctx)
+    device_id = ids.device_id(device)
+    _publish_command(env, broker_url, device_id, CommandKind.REATTEST)
+    env.checkpoint()
+
+
+def _publish_command(
+    env: _Env,
+    broker_url: str,
+    device: DeviceId,
+    kind: CommandKind,
+    release: ReleaseId | None = None,
+) -> None:
+    """Sign, record (ledger) and publish one command to ``device``; wait for the broker's ack.
+
+    Raises:
+        UsageError: the broker URL is not mqtt://HOST[:PORT].
+        UnknownDevice: the device is not enrolled.
+    """
+    address = parse_broker_url(broker_url)
+    with env.workspace().open_kms() as kms:
+        issuer = CommandIssuer(env.registry(), env.ledger(), kms.result_signer(), clock=time.time)
+        outgoing = issuer.issue(device, kind, release)
+    client = MqttClient(address, client_id=f"edgeseal-gateway-cli-{device}")
+    client.start()
+    try:
+        client.publish_and_wait(outgoing.topic, outgoing.payload)
+    finally:
+        client.stop()
+    click.echo(f"published {kind.value} command {outgoing.command.seq} to {device}")
 
 
 # --- policy and ledger ---------------------------------------------------------------------------

@@ -6,9 +6,9 @@ gateway workspace, a batch of devices and one throwaway device, two sealed relea
 app, the gateway and the devices; waits until every device is attested and running; updates the
 fleet to the second release; then attacks the throwaway device twice (a rollback to the older
 signed image, a debug unlock) and shows the gateway's refusal with its
-explanation. Two steps have no console script yet and use edgeseal's libraries in process: the
-signed update command (``push_update``, as ``edgeseal-gateway revoke --broker`` does) and the
-attacker's hands on the throwaway board's files (copying flash and fuses, ``DebugPort``).
+explanation. The update is ``edgeseal-gateway assign DEVICE RELEASE --broker URL`` (a signed
+update command); only the attacker's hands on the throwaway board's files (copying flash and
+fuses, ``DebugPort``) use edgeseal's libraries in process.
 Everything is stopped in order (devices, gateway, broker) at the end, on Ctrl-C
 (exit 130) or on SIGTERM, unless ``--keep-running``.
 
@@ -489,42 +489,13 @@ class Story:
 
 
 def push_update(story: Story, devices: Sequence[str], version: str) -> None:
-    """Assign ``version`` to ``devices`` and publish a signed update command to each.
-
-    The gateway CLI has no command to push an update to a running device, so the demo signs the
-    commands with the gateway's own library and result key (as ``revoke --broker`` does).
-    """
-    from gateway import db
-    from gateway.commands import CommandIssuer
-    from gateway.ledger import Ledger
-    from gateway.registry import Registry
-    from gateway.state import open_workspace
-    from protocol import ids
-    from protocol.results import CommandKind
-
+    """Assign ``version`` to ``devices``; ``assign --broker`` publishes a signed update command."""
     release = story.releases[version]
-    for device in devices:
-        run_cli(story.gw_cli("assign", device, release))
-    workspace = open_workspace(story.gw)
-    engine = db.open_engine(str(story.args.db) if story.args.db else workspace.default_db_url)
-    try:
-        registry, ledger = Registry.open(engine), Ledger.open(engine)
-        with workspace.open_kms() as kms:
-            issuer = CommandIssuer(registry, ledger, kms.result_signer(), clock=time.time)
-            outgoing = [
-                issuer.issue(
-                    ids.device_id(d), CommandKind.UPDATE, ids.release_id(bytes.fromhex(release))
-                )
-                for d in devices
-            ]
-    finally:
-        engine.dispose()
     assert story.watcher is not None
     for device in devices:
         view = story.watcher.view(device)
         view.target, view.started_at, view.running_at = version, time.monotonic(), None
-    for command in outgoing:
-        story.watcher.client.publish_and_wait(command.topic, command.payload)
+        run_cli(story.gw_cli("assign", device, release, "--broker", story.url))
 
 
 def explain_refusal(story: Story, device: str, since: float, what: str) -> None:

@@ -29,7 +29,7 @@ from protocol.bundles import ComponentType
 from protocol.errors import UsageError
 from protocol.reasons import Status
 from protocol.results import CommandKind, verify_command
-from tests.test_gateway_service import PRODUCT, Fleet, FleetDevice, Release
+from tests.scripted_fleet import PRODUCT, Fleet, FleetDevice, Release
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / ".venv" / "bin" / "edgeseal-gateway"
@@ -311,8 +311,11 @@ def test_device_timeline_explains_verdicts(run: Cli, rng: random.Random) -> None
     _one_line_error(run("device", "nobody"))
 
 
-def test_revoke_publishes_a_signed_command(run: Cli, rng: random.Random, broker: Broker) -> None:
-    """``revoke --broker`` revokes and publishes a signed revoke command the device verifies."""
+@pytest.mark.parametrize("kind", [CommandKind.REVOKE, CommandKind.UPDATE, CommandKind.REATTEST])
+def test_commands_are_published_signed(
+    run: Cli, rng: random.Random, broker: Broker, kind: CommandKind
+) -> None:
+    """``revoke|assign|reattest … --broker`` publish a signed command the device verifies."""
     imported = _populate(run, rng)
     inbox: queue.Queue[bytes] = queue.Queue()
     device = MqttClient(
@@ -321,10 +324,16 @@ def test_revoke_publishes_a_signed_command(run: Cli, rng: random.Random, broker:
         subscriptions=(topics.cmd_down("dev-0"),),
         on_message=lambda _t, p: inbox.put(p),
     )
+    argv = {
+        CommandKind.REVOKE: ["revoke", "dev-0"],
+        CommandKind.UPDATE: ["assign", "dev-0", imported.release.release_id],
+        CommandKind.REATTEST: ["reattest", "dev-0"],
+    }[kind]
     device.start()
     try:
-        result = run("revoke", "dev-0", "--broker", broker.url)
+        result = run(*argv, "--broker", broker.url)
         assert result.exit_code == 0, result.output
+        assert f"published {kind.value} command 1 to dev-0" in result.output
         envelope = messages.CommandEnvelope.decode(inbox.get(timeout=10))
     finally:
         device.stop()
@@ -333,8 +342,15 @@ def test_revoke_publishes_a_signed_command(run: Cli, rng: random.Random, broker:
     command = verify_command(
         envelope.command, key, device_id=imported.devices[0].device_id, now_s=0, last_seq=0
     )
-    assert command.kind is CommandKind.REVOKE
-    _one_line_error(run("revoke", "nobody"))
+    assert command.kind is kind and command.seq == 1
+    assert command.release_id == (
+        imported.release.release_id if kind is CommandKind.UPDATE else None
+    )
+    ledger = run.json("ledger", "show")
+    assert isinstance(ledger, list)
+    assert any(e.get("kind") == "command" for e in ledger), ledger
+    _one_line_error(run(*argv[:1], "nobody", *argv[2:], "--broker", broker.url))
+    _one_line_error(run(*argv, "--broker", "http://nope"))
 
 
 # --- policy and ledger ---------------------------------------------------------------------------
