@@ -184,11 +184,42 @@ def _only(fields: cbor.Fields, last_key: int) -> cbor.Fields:
     return fields.only(frozenset(range(last_key + 1)))
 
 
+# --- the message classes' shared encode and decode ----------------------------------------------
+
+
+class _CborMessage:
+    """A CBOR message: ``_body`` gives its fields by key, ``_from_fields`` reads them back."""
+
+    __slots__ = ()
+    TYPE: ClassVar[MessageType]
+    MAX_BYTES: ClassVar[int]
+
+    def _body(self) -> dict[int, object]:
+        raise NotImplementedError
+
+    @classmethod
+    def _from_fields(cls, f: cbor.Fields) -> Self:
+        raise NotImplementedError
+
+    def encode(self) -> bytes:
+        """The CBOR payload."""
+        return _encode(self.TYPE, self._body())
+
+    @classmethod
+    def decode(cls, data: bytes) -> Self:
+        """Decode one message of this class (``TYPE``, at most ``MAX_BYTES``).
+
+        Raises:
+            MalformedMessage: ``data`` is not a well-formed message of this type.
+        """
+        return cls._from_fields(_open_as(data, cls.TYPE, cls.MAX_BYTES))
+
+
 # --- attest, up ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class Hello:
+class Hello(_CborMessage):
     """First message of a session: who the device says it is and what it wants."""
 
     TYPE: ClassVar[MessageType] = MessageType.HELLO
@@ -224,10 +255,6 @@ class Hello:
             body[4] = self.requested_release
         return body
 
-    def encode(self) -> bytes:
-        """The CBOR payload."""
-        return _encode(self.TYPE, self._body())
-
     @classmethod
     def _from_fields(cls, f: cbor.Fields) -> Self:
         f = _only(f, 6)
@@ -249,18 +276,9 @@ class Hello:
             counters=_read_counters(f.raw(6), "hello.counters"),
         )
 
-    @classmethod
-    def decode(cls, data: bytes) -> Self:
-        """Decode a hello.
-
-        Raises:
-            MalformedMessage: ``data`` is not a well-formed hello.
-        """
-        return cls._from_fields(_open_as(data, cls.TYPE, cls.MAX_BYTES))
-
 
 @dataclass(frozen=True, slots=True)
-class Challenge:
+class Challenge(_CborMessage):
     """The gateway's stateless challenge (DESIGN §9): randomness plus a MAC computed elsewhere."""
 
     TYPE: ClassVar[MessageType] = MessageType.CHALLENGE
@@ -293,10 +311,6 @@ class Challenge:
             6: self.mac,
         }
 
-    def encode(self) -> bytes:
-        """The CBOR payload."""
-        return _encode(self.TYPE, self._body())
-
     @classmethod
     def _from_fields(cls, f: cbor.Fields) -> Self:
         f = _only(f, 6)
@@ -308,18 +322,9 @@ class Challenge:
             mac=f.get_bytes(6),
         )
 
-    @classmethod
-    def decode(cls, data: bytes) -> Self:
-        """Decode a challenge.
-
-        Raises:
-            MalformedMessage: ``data`` is not a well-formed challenge.
-        """
-        return cls._from_fields(_open_as(data, cls.TYPE, cls.MAX_BYTES))
-
 
 @dataclass(frozen=True, slots=True)
-class Evidence:
+class Evidence(_CborMessage):
     """Second message up: the token, the enclave's ephemeral key, and the echoed challenge."""
 
     TYPE: ClassVar[MessageType] = MessageType.EVIDENCE
@@ -349,10 +354,6 @@ class Evidence:
             5: self.challenge._body(),
         }
 
-    def encode(self) -> bytes:
-        """The CBOR payload."""
-        return _encode(self.TYPE, self._body())
-
     @classmethod
     def _from_fields(cls, f: cbor.Fields) -> Self:
         f = _only(f, 5)
@@ -363,21 +364,12 @@ class Evidence:
             challenge=Challenge._from_fields(f.get_map(5).only(frozenset(range(2, 7)))),
         )
 
-    @classmethod
-    def decode(cls, data: bytes) -> Self:
-        """Decode an evidence message.
-
-        Raises:
-            MalformedMessage: ``data`` is not a well-formed evidence message.
-        """
-        return cls._from_fields(_open_as(data, cls.TYPE, cls.MAX_BYTES))
-
 
 # --- attest, down -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(_CborMessage):
     """The signed result, and with it the grant and the release it opens, when one is released."""
 
     TYPE: ClassVar[MessageType] = MessageType.VERDICT
@@ -409,10 +401,6 @@ class Verdict:
         body.update({k: v for k, v in optional.items() if v is not None})
         return body
 
-    def encode(self) -> bytes:
-        """The CBOR payload."""
-        return _encode(self.TYPE, self._body())
-
     @classmethod
     def _from_fields(cls, f: cbor.Fields) -> Self:
         f = _only(f, 6)
@@ -425,18 +413,9 @@ class Verdict:
             image_size=f.opt_int(6),
         )
 
-    @classmethod
-    def decode(cls, data: bytes) -> Self:
-        """Decode a verdict.
-
-        Raises:
-            MalformedMessage: ``data`` is not a well-formed verdict.
-        """
-        return cls._from_fields(_open_as(data, cls.TYPE, cls.MAX_BYTES))
-
 
 @dataclass(frozen=True, slots=True)
-class Refusal:
+class Refusal(_CborMessage):
     """No result: reason codes only, never the explanation (DESIGN §10)."""
 
     TYPE: ClassVar[MessageType] = MessageType.REFUSAL
@@ -452,10 +431,6 @@ class Refusal:
     def _body(self) -> dict[int, object]:
         return {2: self.session_id, 3: [code.value for code in self.reasons]}
 
-    def encode(self) -> bytes:
-        """The CBOR payload."""
-        return _encode(self.TYPE, self._body())
-
     @classmethod
     def _from_fields(cls, f: cbor.Fields) -> Self:
         f = _only(f, 3)
@@ -463,15 +438,6 @@ class Refusal:
             session_id=SessionId(f.get_bytes(2)),
             reasons=_read_reasons(f.get_list(3, max_len=MAX_REASONS), "refusal.reasons"),
         )
-
-    @classmethod
-    def decode(cls, data: bytes) -> Self:
-        """Decode a refusal.
-
-        Raises:
-            MalformedMessage: ``data`` is not a well-formed refusal.
-        """
-        return cls._from_fields(_open_as(data, cls.TYPE, cls.MAX_BYTES))
 
 
 AttestUp = Hello | Evidence
@@ -514,7 +480,7 @@ def decode_attest_down(data: bytes) -> AttestDown:
 
 
 @dataclass(frozen=True, slots=True)
-class FetchRequest:
+class FetchRequest(_CborMessage):
     """Ask for ``length`` bytes of a release's sealed image from ``offset``."""
 
     TYPE: ClassVar[MessageType] = MessageType.FETCH_REQUEST
@@ -533,21 +499,15 @@ class FetchRequest:
         if self.session_id is not None:
             _session(self.session_id, "fetch.session_id")
 
-    def encode(self) -> bytes:
-        """The CBOR payload."""
+    def _body(self) -> dict[int, object]:
         body: dict[int, object] = {2: self.release_id, 3: self.offset, 4: self.length}
         if self.session_id is not None:
             body[5] = self.session_id
-        return _encode(self.TYPE, body)
+        return body
 
     @classmethod
-    def decode(cls, data: bytes) -> Self:
-        """Decode a fetch request.
-
-        Raises:
-            MalformedMessage: ``data`` is not a well-formed fetch request.
-        """
-        f = _only(_open_as(data, cls.TYPE, cls.MAX_BYTES), 5)
+    def _from_fields(cls, f: cbor.Fields) -> Self:
+        f = _only(f, 5)
         session = f.opt_bytes(5)
         return cls(
             release_id=check_release_id(f.raw(2), what="fetch.release_id"),
@@ -558,7 +518,7 @@ class FetchRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class Chunk:
+class Chunk(_CborMessage):
     """A piece of a sealed image; ``offset`` and ``release_id`` correlate it with its request."""
 
     TYPE: ClassVar[MessageType] = MessageType.CHUNK
@@ -580,8 +540,7 @@ class Chunk:
         if self.session_id is not None:
             _session(self.session_id, "chunk.session_id")
 
-    def encode(self) -> bytes:
-        """The CBOR payload."""
+    def _body(self) -> dict[int, object]:
         body: dict[int, object] = {
             2: self.release_id,
             3: self.offset,
@@ -590,16 +549,11 @@ class Chunk:
         }
         if self.session_id is not None:
             body[6] = self.session_id
-        return _encode(self.TYPE, body)
+        return body
 
     @classmethod
-    def decode(cls, data: bytes) -> Self:
-        """Decode a chunk.
-
-        Raises:
-            MalformedMessage: ``data`` is not a well-formed chunk.
-        """
-        f = _only(_open_as(data, cls.TYPE, cls.MAX_BYTES), 6)
+    def _from_fields(cls, f: cbor.Fields) -> Self:
+        f = _only(f, 6)
         session = f.opt_bytes(6)
         return cls(
             release_id=check_release_id(f.raw(2), what="chunk.release_id"),
@@ -614,7 +568,7 @@ class Chunk:
 
 
 @dataclass(frozen=True, slots=True)
-class Status:
+class Status(_CborMessage):
     """The device's retained status: boot state, what runs, its counters."""
 
     TYPE: ClassVar[MessageType] = MessageType.STATUS
@@ -638,8 +592,7 @@ class Status:
         cbor.expect_bool(self.running, what="status.running")
         _text(self.detail, "status.detail", MAX_DETAIL)
 
-    def encode(self) -> bytes:
-        """The CBOR payload."""
+    def _body(self) -> dict[int, object]:
         body: dict[int, object] = {
             2: self.state,
             4: dict(self.counters),
@@ -649,16 +602,11 @@ class Status:
         }
         if self.version is not None:
             body[3] = self.version
-        return _encode(self.TYPE, body)
+        return body
 
     @classmethod
-    def decode(cls, data: bytes) -> Self:
-        """Decode a status message.
-
-        Raises:
-            MalformedMessage: ``data`` is not a well-formed status message.
-        """
-        f = _only(_open_as(data, cls.TYPE, cls.MAX_BYTES), 7)
+    def _from_fields(cls, f: cbor.Fields) -> Self:
+        f = _only(f, 7)
         return cls(
             state=f.get_str(2, max_len=32),
             version=f.opt_str(3, max_len=MAX_VERSION_TEXT),
@@ -674,7 +622,7 @@ DeviceStatus = Status
 
 
 @dataclass(frozen=True, slots=True)
-class Telemetry:
+class Telemetry(_CborMessage):
     """Application output, relayed by the enclave through the normal world."""
 
     TYPE: ClassVar[MessageType] = MessageType.TELEMETRY
@@ -689,23 +637,17 @@ class Telemetry:
         cbor.expect_bytes(self.payload, what="telemetry.payload", max_size=MAX_TELEMETRY_PAYLOAD)
         cbor.expect_int(self.ts_ms, what="telemetry.ts_ms", lo=0, hi=_U63)
 
-    def encode(self) -> bytes:
-        """The CBOR payload."""
-        return _encode(self.TYPE, {2: self.seq, 3: self.payload, 4: self.ts_ms})
+    def _body(self) -> dict[int, object]:
+        return {2: self.seq, 3: self.payload, 4: self.ts_ms}
 
     @classmethod
-    def decode(cls, data: bytes) -> Self:
-        """Decode a telemetry message.
-
-        Raises:
-            MalformedMessage: ``data`` is not a well-formed telemetry message.
-        """
-        f = _only(_open_as(data, cls.TYPE, cls.MAX_BYTES), 4)
+    def _from_fields(cls, f: cbor.Fields) -> Self:
+        f = _only(f, 4)
         return cls(seq=f.get_int(2), payload=f.get_bytes(3), ts_ms=f.get_int(4))
 
 
 @dataclass(frozen=True, slots=True)
-class CommandEnvelope:
+class CommandEnvelope(_CborMessage):
     """Carries one signed command (``protocol.results.verify_command``) down to a device."""
 
     TYPE: ClassVar[MessageType] = MessageType.COMMAND
@@ -718,18 +660,12 @@ class CommandEnvelope:
         if not self.command:
             raise MalformedMessage("command.command: empty")
 
-    def encode(self) -> bytes:
-        """The CBOR payload."""
-        return _encode(self.TYPE, {2: self.command})
+    def _body(self) -> dict[int, object]:
+        return {2: self.command}
 
     @classmethod
-    def decode(cls, data: bytes) -> Self:
-        """Decode a command envelope.
-
-        Raises:
-            MalformedMessage: ``data`` is not a well-formed command envelope.
-        """
-        f = _only(_open_as(data, cls.TYPE, cls.MAX_BYTES), 2)
+    def _from_fields(cls, f: cbor.Fields) -> Self:
+        f = _only(f, 2)
         return cls(command=f.get_bytes(2))
 
 
