@@ -56,8 +56,10 @@ def config_text(port: int) -> str:
 
 
 @contextlib.contextmanager
-def running_mosquitto(timeout_s: float = 10.0) -> Iterator[Broker]:
+def running_mosquitto(timeout_s: float = 10.0, *, port: int | None = None) -> Iterator[Broker]:
     """Run a private mosquitto for the duration of the ``with`` block.
+
+    On a free loopback port, or on ``port`` (to bring a broker back where clients expect it).
 
     Raises:
         UsageError: mosquitto is not installed.
@@ -67,7 +69,7 @@ def running_mosquitto(timeout_s: float = 10.0) -> Iterator[Broker]:
     if binary is None:
         raise UsageError("mosquitto is not installed (apt-get install mosquitto)")
     with tempfile.TemporaryDirectory(prefix="edgeseal-broker-") as tmp:
-        port = free_port()
+        port = free_port() if port is None else port
         conf = Path(tmp) / "mosquitto.conf"
         conf.write_text(config_text(port))
         proc = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.PIPE)

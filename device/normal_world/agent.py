@@ -705,6 +705,10 @@ class Agent:
         return self._boot_reason()
 
     def _pump_telemetry(self) -> None:
+        # Offline, the records wait in the enclave (its newest 1,024; older ones are dropped and
+        # counted in its status) and leave in order once the link is back.
+        if not self._link().connected:
+            return
         items = self._door().poll_telemetry(self.config.telemetry_batch)
         if not items:
             return
