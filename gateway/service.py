@@ -38,6 +38,7 @@ from typing import Final, Protocol
 from gateway import db
 from gateway.chunks import ChunkServer, FetchRefusal, Served
 from gateway.commands import CommandIssuer
+from gateway.explain import explain
 from gateway.hooks import RegistryHooks
 from gateway.kms import Kms
 from gateway.ledger import Ledger
@@ -252,7 +253,7 @@ class GatewayService:
         last = self._logged_at.get(reason)
         if last is None or now - last >= LOG_INTERVAL_S:
             self._logged_at[reason] = now
-            _log.warning("dropped a message (%s): %s", reason, detail[:200])
+            _log.warning("%s: %s", reason, detail[:300])
 
     # --- dispatch
 
@@ -320,10 +321,22 @@ class GatewayService:
         elif isinstance(event, Accepted):
             self._count("attest.accepted")
         else:
-            self._count(f"attest.refused.{event.reasons[0]}", f"device {device}")
+            self._count(
+                f"attest.refused.{event.reasons[0]}", self._refusal_detail(device, event, announce)
+            )
         self._publish(topics.attest_down(device, prefix=self._settings.prefix), event.payload)
         if announce is not None:
             self._announce(device, announce, now_s)
+
+    @staticmethod
+    def _refusal_detail(
+        device: DeviceId, event: Rejected, recorded: Accepted | Rejected | None
+    ) -> str:
+        """The log line's detail: for a refusal nobody records, the explainer's cause and fix."""
+        if recorded is not None:
+            return f"device {device}: see 'edgeseal-gateway device {device}'"
+        advice = explain(event.reasons[0], device=device)
+        return f"device {device} (not recorded): {advice.cause} Fix: {advice.fix}"
 
     def _recorded(
         self,

@@ -15,6 +15,7 @@ needs no sleep.
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -364,14 +365,20 @@ def test_refused_with_its_code_explained_and_no_grant(
     assert_recorded(bench, refusal, expected)
 
 
-def test_unknown_device_is_refused_at_hello_counted_not_recorded(bench: Bench) -> None:
+def test_unknown_device_is_refused_at_hello_counted_not_recorded(
+    bench: Bench, caplog: pytest.LogCaptureFixture
+) -> None:
     """A device the registry does not hold is refused ``device.unknown`` at its hello, with no
-    challenge and no grant; the refusal is counted, never recorded (flood-proof), and the
-    explainer still has its sentence for operators reading the count."""
+    challenge and no grant; the refusal is counted, never recorded (flood-proof), and logged
+    (at most once a minute per reason) with the explainer's cause and fix."""
     service = bench.world.service
     before = service.counters["attest.refused.device.unknown"]
     ghost = bench.fleet.make_device("ghost-unknown")
-    outcome = bench.attest(ghost)
+    with caplog.at_level(logging.WARNING, logger="gateway.service"):
+        outcome = bench.attest(ghost)
+    advice = explain(ReasonCode.DEVICE_UNKNOWN, device=ghost.device_id)
+    logged = [r.getMessage() for r in caplog.records if "device.unknown" in r.getMessage()]
+    assert logged and advice.fix in logged[0] and ghost.device_id in logged[0], logged
     assert outcome.evidence == b""  # refused before any challenge
     assert_device_gets_codes_only(outcome, (ReasonCode.DEVICE_UNKNOWN,))
     assert service.counters["attest.refused.device.unknown"] == before + 1
