@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import cbor2
@@ -694,40 +694,16 @@ def test_mutated_claims_decode_or_raise_malformed(changes: list[tuple[object, ob
     assert psa.decode_claims(psa.encode_claims(claims)) == claims
 
 
-_COMPONENT_VALUES = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(-2, 300),
-    st.binary(max_size=70),
-    st.sampled_from([bytes(32), bytes(48), bytes(64), "BL2", "x" * 256, "x" * 257, ""]),
-    st.text(max_size=8),
-)
-
-
-@given(
-    st.dictionaries(
-        st.sampled_from(
-            [
-                psa.COMPONENT_VALUE,
-                psa.COMPONENT_SIGNER_ID,
-                psa.COMPONENT_TYPE,
-                psa.COMPONENT_VERSION,
-                psa.COMPONENT_DESC,
-                99,
-            ]
-        ),
-        _COMPONENT_VALUES,
-    )
-    | st.one_of(st.none(), st.lists(st.integers(), max_size=2)),
-    st.integers(0, psa.MAX_COMPONENTS - 1),
-)
-@settings(max_examples=500)
-def test_component_fast_path_agrees_with_the_checked_getters(obj: object, index: int) -> None:
-    """The one-pass component check accepts exactly what the per-claim getters accept."""
-    try:
-        expected = psa._component_checked(obj, index)
-    except MalformedMessage:
-        with pytest.raises(MalformedMessage):
-            psa._component(obj, index)
-        return
-    assert psa._component(obj, index) == expected
+def test_decoder_builders_equal_the_constructors() -> None:
+    """The slot-writing builders of the decoder make exactly what the constructors make."""
+    args = (bytes(32), bytes(48), "BL2", "1.0.0", None)
+    assert psa._new_component(*args) == psa.SoftwareComponent(*args)
+    built = psa._new_component(*args)
+    with pytest.raises(AttributeError):
+        built.version = "2"  # type: ignore[misc]
+    claims = _claims()
+    values = tuple(getattr(claims, f.name) for f in fields(psa.PsaClaims))
+    assert psa._new_claims(*values) == claims
+    assert hash(psa._new_claims(*values)) == hash(claims)
+    with pytest.raises(ValueError, match="shorter"):
+        psa._new_claims(*values[:-1])
