@@ -35,7 +35,7 @@ def assert_defended(report: AttackReport, *where: Where) -> None:
 
 def test_genuine_board_runs_and_leaks_nothing(bench: Bench) -> None:
     """Control: the untouched board attests, gets its key and runs; the scan stays clean."""
-    bench.restore(bench.devices[0])
+    bench.installed(bench.devices[0])  # as it was once it confirmed its image, whatever ran before
     ran = bench.boot(bench.devices[0])
     assert ran.state == "running" and ran.released, ran.log[-800:]
     scan = bench.scanner().scan_paths(bench.haystacks(bench.devices[0]))

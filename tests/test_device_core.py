@@ -15,7 +15,7 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -40,11 +40,12 @@ from device.enclave.api import (
     OfflineReason,
     TelemetryItem,
 )
+from device.enclave.nvstore import NV_PARTITION
 from device.enclave.service import version_key
 from device.hardware.clock import BoardClock
 from device.hardware.debug import DebugPort
 from device.hardware.flash import Flash
-from device.hardware.fuses import Fuses, Lifecycle
+from device.hardware.fuses import FUSES_FILE, FuseMap, Fuses, Lifecycle
 from device.hardware.power import Board
 from device.hardware.slots import SlotStore
 from device.rot.service import OutOfOrder, RotService, StageRefused, power_on
@@ -537,6 +538,53 @@ def test_revoke_command_erases_the_lease_and_replays_are_refused(world: World, r
     assert rig.door.command(sign_command(update, world.result_key)).release_id == "00" * 32
     rig.door = rig.board.reset()
     assert rig.door.boot_offline().reason is OfflineReason.NO_LEASE
+
+
+def test_a_command_replayed_after_the_nv_store_is_rolled_back_or_erased_is_refused(
+    world: World, rig: Rig
+) -> None:
+    """The accepted sequence number is in a fuse counter: an older or erased NV store in flash
+    does not make a seen command new again; the next sequence number is still accepted."""
+    attest_and_accept(world, rig, lease=Lease(5, NOW_S + 3600))
+    flash = Flash.open(rig.home / "flash.bin")
+    before = flash.read_blob(NV_PARTITION)  # the attacker's copy, last_seq 0
+    seen = sign_command(
+        Command(DEVICE, 1, CommandKind.REATTEST, NOW_S, NOW_S + 600), world.result_key
+    )
+    assert rig.door.command(seen).seq == 1
+    assert Fuses.in_home(rig.home).counter("command_seq") == 1
+    for erase in (False, True):
+        if erase:
+            flash.erase(NV_PARTITION)
+        else:
+            flash.write_blob(NV_PARTITION, before)
+        rig.door = rig.board.reset()
+        with pytest.raises(EnclaveRefused, match="replayed sequence number") as refused:
+            rig.door.command(seen)
+        assert refused.value.kind == "command"
+    newer = Command(DEVICE, 2, CommandKind.REATTEST, NOW_S, NOW_S + 600)
+    assert rig.door.command(sign_command(newer, world.result_key)).seq == 2
+    assert Fuses.in_home(rig.home).counter("command_seq") == 2
+
+
+def test_a_board_without_the_command_fuse_refuses_every_command(
+    world: World, tmp_path: Path
+) -> None:
+    """Fail closed: with no fuse counter to hold the sequence number, no command is accepted."""
+    manufacture(world, tmp_path)
+    path = tmp_path / FUSES_FILE
+    burned = FuseMap.decode(path.read_bytes())
+    counters = {k: v for k, v in burned.counters.items() if k != "command_seq"}
+    path.write_bytes(replace(burned, counters=counters).encode())  # a board burned without it
+    board = Board(tmp_path)
+    door = board.power_on()
+    try:
+        command = Command(DEVICE, 1, CommandKind.REVOKE, NOW_S, NOW_S + 600)
+        with pytest.raises(EnclaveRefused, match="no command sequence fuse counter"):
+            door.command(sign_command(command, world.result_key))
+        assert door.status().state is AppState.EMPTY  # the enclave still serves
+    finally:
+        board.power_off()
 
 
 def test_debug_unlock_changes_the_key_class_and_locks_the_lease(world: World, rig: Rig) -> None:

@@ -281,6 +281,7 @@ def test_story_attest_update_and_a_refused_rollback(fleet: Fleet, watch: Watch) 
     assert registry_rows(fleet)[victim]["counters"] == {
         "app": 2,
         "bl2": 1,
+        "command_seq": 0,
         "offline_boots": 0,
         "runtime": 1,
     }

@@ -90,9 +90,16 @@ def test_manufacture_burns_the_fuses(tmp_path: Path) -> None:
         "runtime": 3,
         "app": 4,
         "offline_boots": 0,
+        "command_seq": 0,
         "boots": 0,
     }
-    assert dict(device.counters) == {"bl2": 1, "runtime": 3, "app": 4, "offline_boots": 0}
+    assert dict(device.counters) == {
+        "bl2": 1,
+        "runtime": 3,
+        "app": 4,
+        "offline_boots": 0,
+        "command_seq": 0,
+    }
     assert (fuses.map.device_id, fuses.map.product) == ("fab-1", "thermostat")
 
 

@@ -55,7 +55,13 @@ def test_burn_then_load_round_trips(fuses: Fuses) -> None:
     assert loaded.rotpk_hash == fuses.map.rotpk_hash
     assert loaded.lifecycle == Lifecycle.SECURED
     assert loaded.secure_boot is False
-    assert dict(loaded.map.counters) == {"bl2": 0, "runtime": 0, "app": 0, "offline_boots": 0}
+    assert dict(loaded.map.counters) == {
+        "bl2": 0,
+        "runtime": 0,
+        "app": 0,
+        "offline_boots": 0,
+        "command_seq": 0,
+    }
     assert (loaded.map.device_id, loaded.map.product) == ("dev-1", "thermostat")
     assert Fuses.in_home(fuses.path.parent).map == fuses.map
 

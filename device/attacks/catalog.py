@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Final
 
-from device.attacks import playbook
+from device.attacks import playbook, wire
 from device.attacks.playbook import Attack, Bench, BenchError
 from device.attacks.report import AttackReport
 from protocol.errors import UsageError
 
-ATTACKS: Final[tuple[Attack, ...]] = (*playbook.ATTACKS,)
+ATTACKS: Final[tuple[Attack, ...]] = (*playbook.ATTACKS, *wire.ATTACKS)
 ATTACKS_BY_NAME: Final = {a.name: a for a in ATTACKS}
 
 #: Attacks of DESIGN §13 not in this playbook yet (named so a report can say so).

@@ -111,6 +111,8 @@ class Bench:
     other_image: Path = Path()
     old_runtime: bytes = b""
     gateway: subprocess.Popen[bytes] | None = None
+    #: Boards made after setup (``add_board``), by id: their homes.
+    extra_homes: dict[str, Path] = field(default_factory=dict)
     _running: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -127,6 +129,8 @@ class Bench:
 
     def home(self, device: str) -> Path:
         """A board's home."""
+        if device in self.extra_homes:
+            return self.extra_homes[device]
         batch = "devboards" if device == self.devboard else "fleet"
         return self.root / batch / device
 
@@ -198,8 +202,26 @@ class Bench:
             run_cli(*gw, "assign", device, self.release)
             self.save(device, "factory")
 
+    def add_board(self, prefix: str) -> str:
+        """Manufacture one more board of the product in its own batch, enrolled and assigned to
+        the release (for an attack that spends a board, e.g. by getting it revoked)."""
+        out = self.root / f"batch-{prefix}"
+        made = run_json(
+            "edgeseal-provision", "manufacture", "--vendor", str(self.root / "vendor"),
+            "--product", PRODUCT, "--prefix", prefix, "--count", "1", "--out", str(out),
+            "--gateway-result-key", str(self.root / "gw" / "result-key.pem"), "--json",
+        )  # fmt: skip
+        assert isinstance(made, dict)
+        device = str(made["devices"][0])
+        run_cli(*self.gw, "import", str(out / "enrollment.bundle"), "--json")
+        run_cli(*self.gw, "assign", device, self.release)
+        self.extra_homes[device] = out / device
+        self.save(device, "factory")
+        return device
+
     def start_gateway(self) -> None:
-        """Serve the real gateway on the broker; wait until it says so."""
+        """Serve the real gateway on the broker; wait until it says so (also on a restart)."""
+        start = len(self.log("gateway"))
         log = (self.logs / "gateway.log").open("ab")
         self.gateway = subprocess.Popen(
             [_tool("edgeseal-gateway"), *self.gw[1:], "serve", "--broker", self.url],
@@ -207,7 +229,13 @@ class Bench:
             stderr=log,
         )
         log.close()
-        self.poll(lambda: "serving on" in self.log("gateway"), "the gateway serves")
+        self.poll(lambda: "serving on" in self.log("gateway")[start:], "the gateway serves")
+
+    def stop_gateway(self) -> None:
+        """Stop the gateway (``start_gateway`` serves it again, e.g. under a new policy)."""
+        if self.gateway is not None:
+            _terminate(self.gateway)
+            self.gateway = None
 
     def stop(self) -> None:
         """Stop every device, then the gateway."""

@@ -7,7 +7,8 @@ clone, a debug-unlocked board or a modified runtime cannot open it. Associated d
 ``"edgeseal/nv/v1"``. The plaintext is a canonical CBOR map::
 
     "v"               1
-    "last_seq"        uint   highest signed command sequence number accepted
+    "last_seq"        uint   highest signed command sequence number accepted (a copy: the
+                             fuse counter "command_seq" is what a replay is checked against)
     "last_gateway_s"  uint   the latest gateway time seen in a verified result or command
     "lease"           null or {"cek": bstr 32, "digest": bstr 32 (manifest digest),
                        "boots": uint (offline boots allowed), "base": uint (the fuse counter

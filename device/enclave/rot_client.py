@@ -76,7 +76,7 @@ class RotClient:
         return self._client.call("sealing_key", label=label).get_bytes("key", size=32)
 
     def advance_counter(self, name: str, value: int) -> int:
-        """Raise fuse counter ``name`` ("app" or "offline_boots") to ``value``."""
+        """Raise fuse counter ``name`` ("app", "offline_boots", "command_seq") to ``value``."""
         return self._client.call("advance_counter", name=name, value=value).get_int("value")
 
     def count_offline_boot(self) -> int:

@@ -14,6 +14,11 @@ the attacker's, so it is never consulted); it releases exactly the requested ima
 with the session key; the boot slot holds that image; its manifest is signed by an anchored vendor
 for this product; its counter is not below the fuse "app" counter (before decryption); then the
 payload decrypts and matches the manifest.
+
+For ``command``: the command verifies under the anchored result key for this device, has not
+expired at the latest gateway time seen, and its sequence number is above the highest one
+accepted — read from the fuse counter "command_seq" (the NV store's copy in flash is the
+attacker's to roll back or erase) — which is advanced before the command acts.
 """
 
 from __future__ import annotations
@@ -83,6 +88,9 @@ MAX_SEAL_BYTES: Final = 64 << 10
 MAX_POLL_BYTES: Final = 512 << 10
 NW_SEAL_AAD: Final = b"edgeseal/nw-seal/v1"
 LEASE_LABEL: Final = "lease"
+#: The fuse counter holding the highest signed-command sequence number accepted (DESIGN §8).
+COMMAND_COUNTER: Final = "command_seq"
+FUSE_COUNTER_MAX: Final = 0xFFFF_FFFF
 NW_LABEL: Final = "nw"
 
 
@@ -413,16 +421,23 @@ class EnclaveService:
     def _command(self, args: Fields) -> Mapping[str, object]:
         data = args.get_bytes("command", max_size=1 << 16)
         nv = self._nv.load()
+        fuse_seq = self._command_fuse()
         try:
             command = verify_command(
                 data,
                 self._anchors.result_key(),
                 device_id=self._device_id,
                 now_s=nv.last_gateway_s,
-                last_seq=nv.last_seq,
+                # The fuse, not the NV store alone: flash can be rolled back or erased.
+                last_seq=max(nv.last_seq, fuse_seq),
             )
         except InvalidSignedMessage as err:
             raise Refused("command", str(err)) from err
+        if command.seq > FUSE_COUNTER_MAX:
+            raise Refused("command", "signed command: sequence number beyond the fuse counter")
+        # Spend the sequence number before the command acts: a power cut in between loses the
+        # command (the gateway sends another), never lets it be replayed.
+        self._rot.advance_counter(COMMAND_COUNTER, command.seq)
         lease = nv.lease
         if command.kind is CommandKind.REVOKE:
             lease = None
@@ -431,6 +446,17 @@ class EnclaveService:
             NvState(command.seq, nv.last_gateway_s, lease).seen_gateway_time(command.issued_s)
         )
         return api.outcome_wire(api.CommandOutcome(command.kind, command.seq, command.release_id))
+
+    def _command_fuse(self) -> int:
+        """The highest command sequence number accepted, from its fuse counter.
+
+        Raises:
+            Refused: the board has no such counter: without one, a replay cannot be ruled out.
+        """
+        counters = dict(self._rot.fuse_counters())
+        if COMMAND_COUNTER not in counters:
+            raise Refused("command", "no command sequence fuse counter on this board")
+        return counters[COMMAND_COUNTER]
 
     def _revoke(self, lease: SealedLease | None) -> None:
         """Unload the app and spend the lease's boots in the fuse counter: a restored old sealed

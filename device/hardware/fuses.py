@@ -50,7 +50,9 @@ HEADER_SIZE: Final = 40
 KEY_SIZE: Final = 32
 #: A fuse counter is a 32-bit bank.
 COUNTER_MAX: Final = 0xFFFF_FFFF
-DEFAULT_COUNTERS: Final = ("bl2", "runtime", "app", "offline_boots")
+#: "command_seq" holds the highest signed-command sequence number the enclave accepted: in
+#: flash it could be rolled back, and a seen command would be new again (DESIGN §8).
+DEFAULT_COUNTERS: Final = ("bl2", "runtime", "app", "offline_boots", "command_seq")
 _MAX_FILE: Final = 64 * 1024
 _COUNTER_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _FIELDS: Final = frozenset(
@@ -246,7 +248,7 @@ class Fuses:
             lifecycle: the PSA lifecycle to start in (a product board: ``Lifecycle.SECURED``).
             secure_boot: whether the RoT verifies boot stages (off only on development boards).
             huk, rotpk_hash: 32 bytes each; left unburned when None (``burn_huk`` later).
-            counters: initial counter values by name; default: the four counters at 0.
+            counters: initial counter values by name; default: ``DEFAULT_COUNTERS`` at 0.
 
         Raises:
             FuseError: the file exists already, or a value is out of range.

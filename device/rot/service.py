@@ -20,8 +20,9 @@ result):
   measurement, which it cannot influence, gives it away.
 - ``sealing_key``: label → 32-byte key, HKDF(HUK) bound to the lifecycle class, the recorded
   runtime measurement and the label. Refused before the runtime stage is measured.
-- ``advance_counter``: name ("app" or "offline_boots"), value → value. ``count_offline_boot`` →
-  the new "offline_boots" value. ``fuse_counters`` → counters. ``debug_state`` → lifecycle, open.
+- ``advance_counter``: name ("app", "offline_boots" or "command_seq"), value → value.
+  ``count_offline_boot`` → the new "offline_boots" value. ``fuse_counters`` → counters.
+  ``debug_state`` → lifecycle, open.
 - ``confirm_image``: → the primary slot after confirming a running trial (no-op without one).
 
 Error kinds: ``refused`` (a check failed), ``order`` (a step out of order), ``malformed``,
@@ -69,7 +70,7 @@ BOOT_COUNTER: Final = "boots"
 STAGE_PARTITIONS: Final = {StageKind.BL2: "bl2", StageKind.RUNTIME: "runtime"}
 STAGE_COUNTERS: Final = {StageKind.BL2: "bl2", StageKind.RUNTIME: "runtime"}
 #: Counters the enclave runtime may advance.
-ENCLAVE_COUNTERS: Final = frozenset({"app", "offline_boots"})
+ENCLAVE_COUNTERS: Final = frozenset({"app", "offline_boots", "command_seq"})
 SEAL_LABEL_MAX: Final = 64
 _DIGEST_SIZES: Final = frozenset({32, 48, 64})
 

@@ -1,0 +1,105 @@
+"""The attacks on what crosses MQTT (device/attacks/wire.py): real gateway, real mosquitto."""
+
+from __future__ import annotations
+
+from typing import Final
+
+import pytest
+
+from device.attacks.catalog import ATTACKS_BY_NAME, NOT_YET, run_attack
+from device.attacks.playbook import Bench, run_json
+from device.attacks.report import AttackReport, Outcome, Where
+from protocol.reasons import ReasonCode
+
+pytestmark = [pytest.mark.slow, pytest.mark.broker]
+
+
+@pytest.fixture
+def bench(attack_bench: Bench) -> Bench:
+    """The session's attack bench (tests/conftest.py)."""
+    return attack_bench
+
+
+@pytest.fixture(scope="module")
+def reports() -> dict[str, AttackReport]:
+    """Each attack's report, run once for this module (they take seconds each)."""
+    return {}
+
+
+def report_of(bench: Bench, reports: dict[str, AttackReport], name: str) -> AttackReport:
+    """The report of ``name``, running it on first use."""
+    if name not in reports:
+        reports[name] = run_attack(bench, name)
+    return reports[name]
+
+
+def assert_defended(report: AttackReport, *where: Where) -> None:
+    """Defended, detected at each of ``where``, zero leaks, something scanned."""
+    assert report.error is None, report.error
+    assert report.leaks == (), report.leaks
+    assert report.scanned_bytes > 0
+    for point in where:
+        assert point in report.detected_at, report.to_json()
+    assert report.outcome is Outcome.DEFENDED, report.to_json()
+
+
+#: (attack, where it must be detected): the parametrized cases of this module.
+CASES: Final[list[tuple[str, tuple[Where, ...]]]] = [
+    ("stale-challenge", (Where.GATEWAY, Where.LEDGER)),
+    ("grant-mitm", (Where.GATEWAY, Where.LEDGER, Where.PREVENTED)),
+    ("forged-command", (Where.DEVICE,)),
+]
+
+
+@pytest.mark.parametrize(("name", "where"), CASES)
+def test_attack_is_defended_where_expected(
+    bench: Bench, reports: dict[str, AttackReport], name: str, where: tuple[Where, ...]
+) -> None:
+    """The attack is stopped at its expected point and the leak scan finds nothing."""
+    report = report_of(bench, reports, name)
+    assert report.name == name and report.expected_at == ATTACKS_BY_NAME[name].expected_at
+    assert_defended(report, *where)
+    assert name not in NOT_YET
+
+
+def test_stale_challenge_is_refused_as_expired_and_the_lifetime_is_restored(
+    bench: Bench, reports: dict[str, AttackReport]
+) -> None:
+    """The refusal is exactly challenge.expired, no key; the bench's policy is as it was."""
+    report = report_of(bench, reports, "stale-challenge")
+    assert report.evidence["refusal"] == [ReasonCode.CHALLENGE_EXPIRED.value], report.to_json()
+    assert report.reasons == (ReasonCode.CHALLENGE_EXPIRED.value,)
+    assert report.evidence["released"] is False
+    policy = run_json(*bench.gw, "policy", "show")
+    assert isinstance(policy, dict) and policy["challenge_ttl_s"] == 30
+
+
+def test_grant_mitm_breaks_the_binding_and_the_captured_grant_stays_shut(
+    bench: Bench, reports: dict[str, AttackReport]
+) -> None:
+    """The substituted key is refused as a binding mismatch; a sniffed grant does not open."""
+    report = report_of(bench, reports, "grant-mitm")
+    assert report.evidence["refusal"] == [ReasonCode.EVIDENCE_BINDING_MISMATCH.value]
+    assert report.evidence["released"] is False
+    assert report.evidence["genuine_board"] == "running"  # a real grant was on the wire
+    assert report.evidence["captured_grant_opened"] is False
+
+
+def test_forged_replayed_and_rolled_back_commands_are_refused_by_the_enclave(
+    bench: Bench, reports: dict[str, AttackReport]
+) -> None:
+    """The NW logs each refusal; the enclave names the signature, then the replayed sequence."""
+    report = report_of(bench, reports, "forged-command")
+    assert report.error is None, report.error
+    nw = report.evidence["nw"]
+    assert nw == {
+        "forged": "refused",
+        "genuine": "applied",
+        "replayed": "refused",
+        "rolled_back": "refused",
+    }, report.to_json()
+    door = report.evidence["door"]
+    assert isinstance(door, dict)
+    assert door["forged"] == "command: signed command: signature does not verify"
+    assert door["replayed"] == "command: signed command: replayed sequence number"
+    assert door["rolled_back"] == "command: signed command: replayed sequence number"
