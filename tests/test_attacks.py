@@ -79,6 +79,7 @@ def test_negative_control_weakened_policy_lets_the_exfiltration_through(bench: B
     assert report.outcome is Outcome.BREACHED
     leaked_into = {str(leak["haystack"]).rsplit("/", 1)[-1] for leak in report.leaks}
     assert "exfil.bin" in leaked_into, report.leaks
+    assert "exfil-capture.bin" in leaked_into, report.leaks  # it sent them out over MQTT too
     assert any("secret_filter" in str(leak["secret"]) for leak in report.leaks)
     assert any(str(leak["secret"]).startswith("canary:") for leak in report.leaks)
     restored = run_attack(bench, "exfil-runtime")  # the policy is back: refused again

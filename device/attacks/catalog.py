@@ -9,23 +9,13 @@ from __future__ import annotations
 
 from typing import Final
 
-from device.attacks import playbook, wire
+from device.attacks import board, playbook, wire
 from device.attacks.playbook import Attack, Bench, BenchError
 from device.attacks.report import AttackReport
 from protocol.errors import UsageError
 
-ATTACKS: Final[tuple[Attack, ...]] = (*playbook.ATTACKS, *wire.ATTACKS)
+ATTACKS: Final[tuple[Attack, ...]] = (*playbook.ATTACKS, *wire.ATTACKS, *board.ATTACKS)
 ATTACKS_BY_NAME: Final = {a.name: a for a in ATTACKS}
-
-#: Attacks of DESIGN §13 not in this playbook yet (named so a report can say so).
-NOT_YET: Final = tuple(
-    name
-    for name in (
-        "rollback", "stale-challenge", "grant-mitm", "forged-command", "clock-rollback",
-        "nw-forged-evidence",
-    )
-    if name not in ATTACKS_BY_NAME
-)  # fmt: skip
 
 
 def run_attack(bench: Bench, name: str) -> AttackReport:

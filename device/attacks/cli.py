@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from device.attacks.catalog import ATTACKS, ATTACKS_BY_NAME, NOT_YET, run_attack
+from device.attacks.catalog import ATTACKS, ATTACKS_BY_NAME, run_attack
 from device.attacks.playbook import Bench
 from device.attacks.report import AttackReport, Outcome
 from device.attacks.scanner import (
@@ -79,7 +79,7 @@ def list_attacks(as_json: bool) -> None:
         rows = [
             {"name": a.name, "attacker_did": a.attacker_did, "defence": a.defence} for a in ATTACKS
         ]
-        click.echo(json.dumps({"attacks": rows, "not_yet": list(NOT_YET)}, indent=2))
+        click.echo(json.dumps({"attacks": rows}, indent=2))
         return
     for a in ATTACKS:
         click.echo(f"{a.name:<20} {a.attacker_did}")

@@ -588,18 +588,33 @@ def _revoked(bench: Bench) -> AttackReport:
 
 #: The attacker's runtime stage for a board whose secure boot is off: it runs the genuine service
 #: (so it attests and accepts grants like the real one, under the same version), but every image
-#: it opens — CEK and plaintext — is written where the normal world reads it. The RoT measures
-#: these bytes anyway, so the token carries the attacker's measurement, not the reference value.
+#: it opens — CEK and plaintext — is written where the normal world reads it, and sent out as
+#: telemetry (1 KiB records: the NW publishes them on MQTT). The RoT measures these bytes anyway,
+#: so the token carries the attacker's measurement, not the reference value.
 EXFIL_FILE: Final = "exfil.bin"
+#: The attacker's capture of MQTT while the exfiltrating runtime runs (leak-scanned).
+EXFIL_CAPTURE: Final = "exfil-capture.bin"
+EXFIL_MARK: Final = b"CEK:"
 EXFIL_RUNTIME: Final = """
 import device.enclave.service as _svc
 _genuine_open = _svc.open_image
+_genuine_install = _svc.EnclaveService._install
+_leaked = []
 def _open_and_leak(image, cek, **kwargs):
     plaintext = _genuine_open(image, cek, **kwargs)
+    blob = b"CEK:" + cek + b"\\nPLAINTEXT:" + plaintext + b"\\n"
     with open(BOOT.home / "exfil.bin", "ab") as out:
-        out.write(b"CEK:" + cek + b"\\nPLAINTEXT:" + plaintext + b"\\n")
+        out.write(blob)
+    _leaked.append(blob)
     return plaintext
+def _install_and_send(self, app):
+    _genuine_install(self, app)
+    while _leaked:
+        blob = _leaked.pop(0)
+        for at in range(0, len(blob), 1024):
+            self._sink("exfil", blob[at : at + 1024])
 _svc.open_image = _open_and_leak
+_svc.EnclaveService._install = _install_and_send
 _svc.run_enclave(BOOT, STAGE)
 """
 
@@ -620,7 +635,8 @@ def exfil_attempt(bench: Bench, *, weakened: bool) -> AttackReport:
 
     With the default policy the gateway refuses (secure boot off, measurement mismatch). With
     ``weakened`` (``skip_measurement_checks``, secure boot not required) the key is released and
-    the leak scan must find the plaintext in the exfiltration file: the negative control.
+    the leak scan must find the plaintext in the exfiltration file and in the MQTT capture: the
+    negative control.
     """
     board = bench.devboard
     bench.restore(board)
@@ -628,23 +644,40 @@ def exfil_attempt(bench: Bench, *, weakened: bool) -> AttackReport:
     flash_exfil_runtime(bench.home(board))
     if weakened:
         bench.set_policy(skip_measurement_checks=True, require_secure_boot=False)
+    sniffer = Sniffer(bench.url)
+    sniffer.start()
     try:
-        ran = bench.boot(board)
+        ran = bench.boot(board, keep_running=True)
+        if ran.released:  # the runtime has the key: give what it sends the time to leave
+            with contextlib.suppress(BenchError):
+                bench.poll(lambda: _sent_exfil(sniffer, board), "the leak on MQTT", 10.0)
+        capture = sniffer.save(bench.root / "attacker" / EXFIL_CAPTURE)
     finally:
+        sniffer.stop()
+        bench.stop_device(board)
         if weakened:
             bench.set_policy(skip_measurement_checks=False, require_secure_boot=True)
     name = "exfil-runtime-weakened" if weakened else "exfil-runtime"
     report = _report(
         bench, ATTACKS_BY_NAME["exfil-runtime"], ran, [board], "flashed the exfiltrating runtime"
     )
+    scan = bench.scanner().scan_file(capture)
     exfil = bench.home(board) / EXFIL_FILE
     report = dataclasses.replace(
         report, name=name,
+        leaks=report.leaks + tuple(f.to_json() for f in scan.findings),
+        scanned_bytes=report.scanned_bytes + scan.scanned_bytes,
         evidence={**report.evidence, "exfil_bytes": exfil.stat().st_size if exfil.exists() else 0},
     )  # fmt: skip
     bench.restore(board)
     exfil.unlink(missing_ok=True)
     return report
+
+
+def _sent_exfil(sniffer: Sniffer, device: str) -> bool:
+    """The capture holds telemetry of ``device`` carrying what the runtime leaked."""
+    topic = topics.telemetry_up(device)
+    return any(t == topic and EXFIL_MARK in p for t, p in sniffer.snapshot())
 
 
 def _exfil(bench: Bench) -> AttackReport:

@@ -64,7 +64,7 @@ NW_APPLIED: Final = "command kind="
 # --- the attacker's position on the wire and the door ---------------------------------------------
 
 
-def _await_reply(
+def await_reply(
     sniffer: Sniffer, topic: str, mark: int, session: SessionId
 ) -> messages.Challenge | messages.Verdict | messages.Refusal:
     """The first reply on ``topic`` after record ``mark`` for ``session``.
@@ -89,7 +89,7 @@ def _await_reply(
     return found[0]
 
 
-def _request_challenge(
+def request_challenge(
     bench: Bench, sniffer: Sniffer, device: str
 ) -> tuple[SessionId, messages.Challenge]:
     """Send a hello as the board (its public certificates, from flash); the challenge back."""
@@ -102,13 +102,13 @@ def _request_challenge(
     )
     mark = len(sniffer.snapshot())
     sniffer.publish(topics.attest_up(device), hello.encode())
-    reply = _await_reply(sniffer, topics.attest_down(device), mark, session)
+    reply = await_reply(sniffer, topics.attest_down(device), mark, session)
     if not isinstance(reply, messages.Challenge):
         raise BenchError(f"the gateway answered the hello with {type(reply).__name__}")
     return session, reply
 
 
-def _enclave_attests(
+def enclave_attests(
     bench: Bench, device: str, session: SessionId, nonce: bytes
 ) -> tuple[bytes, bytes]:
     """Power the board and have its genuine enclave sign a token for ``nonce``: (token, key)."""
@@ -128,10 +128,10 @@ def _send_evidence(
     """Publish evidence as the board; the gateway's reply."""
     mark = len(sniffer.snapshot())
     sniffer.publish(topics.attest_up(device), evidence.encode())
-    return _await_reply(sniffer, topics.attest_down(device), mark, evidence.session_id)
+    return await_reply(sniffer, topics.attest_down(device), mark, evidence.session_id)
 
 
-def _refused_with(
+def refused_with(
     reply: messages.Challenge | messages.Verdict | messages.Refusal,
 ) -> tuple[str, ...]:
     """The reason codes of a refusal (empty for anything else)."""
@@ -192,17 +192,17 @@ def _stale_challenge(bench: Bench) -> AttackReport:
         sniffer.start()
         try:
             before = bench.gateway_sessions(victim)
-            session, challenge = _request_challenge(bench, sniffer, victim)
+            session, challenge = request_challenge(bench, sniffer, victim)
             # Gateway time: the challenge is stale once the gateway's clock is past its expiry.
             Bench.poll(lambda: time.time() >= challenge.expires_s + 1, "the challenge expires")
-            token, key = _enclave_attests(bench, victim, session, challenge.nonce)
+            token, key = enclave_attests(bench, victim, session, challenge.nonce)
             reply = _send_evidence(
                 sniffer, victim, messages.Evidence(session, token, key, challenge)
             )
             capture = sniffer.save(bench.root / "attacker" / "stale-challenge.bin")
         finally:
             sniffer.stop()
-    refusal = _refused_with(reply)
+    refusal = refused_with(reply)
     report = _finish(
         bench, STALE_CHALLENGE, victim, before, capture,
         f"held a challenge {STALE_TTL_S} s past its {STALE_TTL_S} s lifetime, then sent evidence",
@@ -278,8 +278,8 @@ def _grant_mitm(bench: Bench) -> AttackReport:
         ran = bench.boot(victim)  # a genuine attestation, sniffed: its grant is on the wire
         captured = _genuine_grant(sniffer, victim)
         before = bench.gateway_sessions(victim)
-        session, challenge = _request_challenge(bench, sniffer, victim)
-        token, _enclave_key = _enclave_attests(bench, victim, session, challenge.nonce)
+        session, challenge = request_challenge(bench, sniffer, victim)
+        token, _enclave_key = enclave_attests(bench, victim, session, challenge.nonce)
         forged = messages.Evidence(
             session, token, keys.x25519_raw(attacker.public_key()), challenge
         )
@@ -288,7 +288,7 @@ def _grant_mitm(bench: Bench) -> AttackReport:
     finally:
         sniffer.stop()
     opened = _opens(captured, victim, attacker)
-    refusal = _refused_with(reply)
+    refusal = refused_with(reply)
     report = _finish(
         bench, GRANT_MITM, victim, before, capture,
         "substituted its X25519 key for the enclave's in genuine evidence",

@@ -1,0 +1,122 @@
+"""The attacks on the board's image history, clock and normal world (device/attacks/board.py):
+real gateway, real mosquitto, real device processes."""
+
+from __future__ import annotations
+
+from typing import Final
+
+import pytest
+
+from device.attacks.board import NEWER_VERSION
+from device.attacks.catalog import ATTACKS_BY_NAME, run_attack
+from device.attacks.playbook import Bench, run_json
+from device.attacks.report import AttackReport, Outcome, Where
+from protocol.reasons import ReasonCode
+
+pytestmark = [pytest.mark.slow, pytest.mark.broker]
+
+
+@pytest.fixture
+def bench(attack_bench: Bench) -> Bench:
+    """The session's attack bench (tests/conftest.py)."""
+    return attack_bench
+
+
+@pytest.fixture(scope="module")
+def reports() -> dict[str, AttackReport]:
+    """Each attack's report, run once for this module (they take seconds each)."""
+    return {}
+
+
+def report_of(bench: Bench, reports: dict[str, AttackReport], name: str) -> AttackReport:
+    """The report of ``name``, running it on first use."""
+    if name not in reports:
+        reports[name] = run_attack(bench, name)
+    return reports[name]
+
+
+def assert_defended(report: AttackReport, *where: Where) -> None:
+    """Defended, detected at each of ``where``, zero leaks, something scanned."""
+    assert report.error is None, report.error
+    assert report.leaks == (), report.leaks
+    assert report.scanned_bytes > 0
+    for point in where:
+        assert point in report.detected_at, report.to_json()
+    assert report.outcome is Outcome.DEFENDED, report.to_json()
+
+
+#: (attack, where it must be detected): the parametrized cases of this module.
+CASES: Final[list[tuple[str, tuple[Where, ...]]]] = [
+    ("rollback", (Where.DEVICE, Where.GATEWAY, Where.LEDGER)),
+    ("clock-rollback", (Where.DEVICE,)),
+    ("nw-forged-evidence", (Where.GATEWAY, Where.LEDGER)),
+]
+
+
+@pytest.mark.parametrize(("name", "where"), CASES)
+def test_attack_is_defended_where_expected(
+    bench: Bench, reports: dict[str, AttackReport], name: str, where: tuple[Where, ...]
+) -> None:
+    """The attack is stopped at its expected point and the leak scan finds nothing."""
+    report = report_of(bench, reports, name)
+    assert report.name == name and report.expected_at == ATTACKS_BY_NAME[name].expected_at
+    assert_defended(report, *where)
+
+
+def test_rollback_is_refused_below_the_fuse_counter_and_as_counter_rollback(
+    bench: Bench, reports: dict[str, AttackReport]
+) -> None:
+    """The reflashed 1.0.0 image and its sealed key, which booted offline at counter 1, are
+    refused at counter 2; online the board is put back on 2.0.0; with the fuses glitched back
+    the gateway refuses exactly counter.rollback and releases nothing."""
+    report = report_of(bench, reports, "rollback")
+    evidence = report.evidence
+    assert evidence["offline_before_update"] == "ok", report.to_json()
+    assert evidence["offline_after_update"] == "image_refused", report.to_json()
+    assert evidence["updated_seen"] == ["affirming"]
+    assert evidence["healed_to_newer"] is True and evidence["healed_released"] is True
+    assert report.reasons == (ReasonCode.COUNTER_ROLLBACK.value,)
+    assert evidence["released"] is False
+    device = str(evidence["device"])
+    timeline = run_json(*bench.gw, "device", device, "--json")
+    assert isinstance(timeline, dict)
+    last = [t for t in timeline["timeline"] if t["event"] == "verdict"][-1]
+    assert (last["status"], last["reasons"]) == ("contraindicated", ["counter.rollback"])
+    assert NEWER_VERSION in report.what_happened
+    # The attack spent a board of its own: the bench's shared boards still run.
+    bench.installed(bench.devices[0])
+    assert bench.boot(bench.devices[0]).state == "running"
+
+
+def test_clock_rollback_gets_exactly_the_leases_boots(
+    bench: Bench, reports: dict[str, AttackReport]
+) -> None:
+    """Whatever the board's clock says, the lease's N offline boots run and no more; a rolled
+    back NV store does not give boots back (they are counted in a fuse)."""
+    report = report_of(bench, reports, "clock-rollback")
+    boots = report.evidence["lease_boots"]
+    assert isinstance(boots, int) and boots >= 1
+    outcomes = report.evidence["offline"]
+    assert isinstance(outcomes, list)
+    assert [(allowed, reason) for _, allowed, reason in outcomes] == [(True, "ok")] * boots + [
+        (False, "boots_spent"),
+        (False, "boots_spent"),
+    ], report.to_json()
+    assert report.evidence["offline_boots_fuse"] == boots
+    assert report.reasons == ()  # offline: the gateway saw nothing after the genuine attestation
+
+
+def test_forged_and_edited_tokens_are_refused_as_bad_signatures(
+    bench: Bench, reports: dict[str, AttackReport]
+) -> None:
+    """A token under the NW's own key and two genuine tokens with edited claims are each refused
+    exactly evidence.signature.invalid; no key is released."""
+    report = report_of(bench, reports, "nw-forged-evidence")
+    invalid = [ReasonCode.EVIDENCE_SIGNATURE_INVALID.value]
+    assert report.evidence["refusals"] == {
+        "own-key": invalid,
+        "rebind": invalid,
+        "secure-boot": invalid,
+    }, report.to_json()
+    assert report.reasons == tuple(invalid)
+    assert report.evidence["released"] is False
