@@ -341,10 +341,7 @@ def _check_identity(ctx: _Context, anchors: Sequence[TrustAnchor]) -> list[Findi
 
 
 def _check_instance_id(ctx: _Context, point: bytes) -> list[Finding]:
-    try:
-        expected = keys.instance_id(keys.p256_from_point(point))
-    except ValueError:
-        expected = b""
+    expected = _instance_id_of(point)
     got = ctx.claims.instance_id
     if expected and hmac.compare_digest(expected, got):
         return []
@@ -361,23 +358,22 @@ def _check_certificate(
     ctx: _Context, cert_der: bytes, point: bytes, anchors: Sequence[TrustAnchor]
 ) -> list[Finding]:
     try:
-        cert = _parsed_certificate(cert_der)
+        facts = _certificate_facts(cert_der)
     except ValueError:
         got = "an enrolled certificate that is not DER X.509"
         return [ctx.finding(ReasonCode.CERTIFICATE_UNTRUSTED, got=got)]
     findings: list[Finding] = []
     if not any(_signed_by(cert_der, anchor.cert_der, anchor.public_point) for anchor in anchors):
         expected = f"a certificate signed by one of the {len(anchors)} trusted manufacturer CAs"
-        got = f"a certificate issued by {cert.issuer.rfc4514_string()[:_MAX_NAME]!r}"
+        got = f"a certificate issued by {facts.cert.issuer.rfc4514_string()[:_MAX_NAME]!r}"
         findings.append(ctx.finding(ReasonCode.CERTIFICATE_UNTRUSTED, expected=expected, got=got))
-    findings += _check_validity(ctx, cert)
-    findings += _check_subject(ctx, cert, point)
+    findings += _check_validity(ctx, facts)
+    findings += _check_subject(ctx, facts, point)
     return findings
 
 
-def _check_validity(ctx: _Context, cert: x509.Certificate) -> list[Finding]:
-    start = int(cert.not_valid_before_utc.timestamp())
-    end = int(cert.not_valid_after_utc.timestamp())
+def _check_validity(ctx: _Context, facts: _CertificateFacts) -> list[Finding]:
+    start, end = facts.not_before_s, facts.not_after_s
     now_s = ctx.request.now_s
     if start <= now_s <= end:
         return []
@@ -385,9 +381,9 @@ def _check_validity(ctx: _Context, cert: x509.Certificate) -> list[Finding]:
     return [ctx.finding(ReasonCode.CERTIFICATE_EXPIRED, expected=expected, got=f"{now_s}")]
 
 
-def _check_subject(ctx: _Context, cert: x509.Certificate, point: bytes) -> list[Finding]:
+def _check_subject(ctx: _Context, facts: _CertificateFacts, point: bytes) -> list[Finding]:
     findings: list[Finding] = []
-    if not hmac.compare_digest(_certificate_point(cert), point):
+    if not hmac.compare_digest(facts.point, point):
         findings.append(
             ctx.finding(
                 ReasonCode.CERTIFICATE_MISMATCH,
@@ -395,8 +391,7 @@ def _check_subject(ctx: _Context, cert: x509.Certificate, point: bytes) -> list[
                 got="a certificate over another key",
             )
         )
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    common_name = str(names[0].value) if names else ""
+    common_name = facts.common_name
     if common_name != ctx.device.device_id:
         findings.append(
             ctx.finding(
@@ -413,6 +408,47 @@ def _certificate_point(cert: x509.Certificate) -> bytes:
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         return b""
     return keys.p256_point(key)
+
+
+@dataclass(frozen=True, slots=True)
+class _CertificateFacts:
+    """What the identity checks read from an enrolled certificate."""
+
+    cert: x509.Certificate
+    not_before_s: int
+    not_after_s: int
+    #: The SEC1 point of its P-256 key; empty for any other key.
+    point: bytes
+    #: Its subject's first common name; empty when it has none.
+    common_name: str
+
+
+@functools.lru_cache(maxsize=CERTIFICATE_CACHE_SIZE)
+def _certificate_facts(cert_der: bytes) -> _CertificateFacts:
+    """The facts of ``cert_der``, derived once (a pure function of the bytes, so kept).
+
+    Raises:
+        ValueError: not DER X.509 (never kept: a failure is recomputed).
+    """
+    cert = _parsed_certificate(cert_der)
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return _CertificateFacts(
+        cert=cert,
+        not_before_s=int(cert.not_valid_before_utc.timestamp()),
+        not_after_s=int(cert.not_valid_after_utc.timestamp()),
+        point=_certificate_point(cert),
+        common_name=str(names[0].value) if names else "",
+    )
+
+
+@functools.lru_cache(maxsize=CERTIFICATE_CACHE_SIZE)
+def _instance_id_of(point: bytes) -> bytes:
+    """The instance id of the enrolled IAK ``point`` (0x01 ‖ SHA-256 of it); empty when the
+    point is not a P-256 point. A pure function of the bytes, so kept."""
+    try:
+        return keys.instance_id(keys.p256_from_point(point))
+    except ValueError:
+        return b""
 
 
 @functools.lru_cache(maxsize=CERTIFICATE_CACHE_SIZE)

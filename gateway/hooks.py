@@ -3,12 +3,12 @@
 ``RegistryHooks`` implements ``protocol.verifier.VerifierHooks`` (DESIGN §9, §10):
 
 - ``device_keys``: the enrolled IAK points of both lifecycle classes;
-- ``consume_challenge``: single use through the registry's primary key, atomic across every
-  gateway process sharing the database;
-- ``appraise``: the appraisal (``gateway.appraisal``) under the policy in force, then the key
-  broker (``gateway.keybroker``) when the release rule holds; the verdict — status, reasons,
-  policy version, explanation — is recorded in the registry and appended to the ledger, and a
-  non-contraindicated verdict advances the fuse counters last seen for the device.
+- ``appraise``: single use of the challenge through the registry's primary key (atomic across
+  every gateway process sharing the database), the appraisal (``gateway.appraisal``) under the
+  policy in force, then the key broker (``gateway.keybroker``) when the release rule holds; the
+  verdict — status, reasons, policy version, explanation — is recorded in the registry and
+  appended to the ledger, and a non-contraindicated verdict advances the fuse counters last seen
+  for the device. A challenge used before raises ``InvalidChallenge`` and nothing is kept.
 
 Refusals the verifier session makes before any appraisal (unknown device, bad signature, binding,
 challenge expired or replayed) never reach ``appraise``; the MQTT service records them with
@@ -19,19 +19,21 @@ appraisal's verified certificates): two gateway processes may use two instances 
 at once. The registry makes each step atomic; ledger appends are serialized by the ledger.
 
 The hot path (registry and ledger on one engine, as in the gateway): ``appraise`` reads what it
-judges in ONE read transaction (``Registry.appraisal_snapshot``), then writes everything in ONE
-write transaction under the ledger lock — the key broker's run-time recheck, the receipt, the
-verdict, both ledger entries (release, then verdict; one head read) and the counters — so a
-verdict, its receipt and their ledger entries are kept together or not at all. Single use stays
-its own transaction in ``consume_challenge`` (the verifier session calls it before ``appraise``,
-and its answer must be final when it returns).
+judges — the device, anchors, reference values, epoch, assignment and the newest stored policy —
+in ONE read transaction (``Registry.appraisal_snapshot``), then writes everything in ONE write
+transaction under the ledger lock: first the challenge marked used (a replay fails there, before
+any key is touched, and rolls everything back), then the key broker's run-time recheck, the
+receipt, the verdict, both ledger entries (release, then verdict; one head read) and the
+counters — so a used challenge, its verdict, its receipt and their ledger entries are kept
+together or not at all. With the registry and the ledger on two engines the challenge is marked
+used in its own transaction first, then each step is its own transaction.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 from sqlalchemy.engine import Connection
@@ -42,7 +44,7 @@ from gateway.explain import explain_reasons, explanation_json
 from gateway.keybroker import BrokeredRelease, KeyBroker, KeyReleaseRefused, releasable_verdict
 from gateway.kms import Kms
 from gateway.ledger import LEDGER_LOCK_KEY, Ledger, LedgerEvent, LedgerKind
-from gateway.policy import Policy, PolicyProvider
+from gateway.policy import Policy, PolicyProvider, RegistryPolicy, policy_of_record
 from gateway.registry import (
     AppraisalSnapshot,
     Registry,
@@ -108,13 +110,11 @@ class RegistryHooks:
             if found is not None:
                 self._keys.move_to_end(device_id)
                 return found
-        device = self._registry.find_device(device_id)
-        if device is None:
+        points = self._registry.iak_points(device_id)
+        if points is None:
             return None
-        keys = DeviceKeys(
-            secured=p256_from_point(device.iak_secured_point),
-            debug=p256_from_point(device.iak_debug_point),
-        )
+        secured, debug = points
+        keys = DeviceKeys(secured=p256_from_point(secured), debug=p256_from_point(debug))
         with self._keys_lock:
             self._keys[device_id] = keys
             while len(self._keys) > DEVICE_KEYS_CACHE_SIZE:
@@ -122,8 +122,8 @@ class RegistryHooks:
         return keys
 
     def consume_challenge(self, device_id: DeviceId, nonce: bytes, expires_s: int) -> bool:
-        """Mark the challenge ``nonce`` used, once across every process; False when it was used
-        before (or has expired by the gateway clock)."""
+        """Mark the challenge ``nonce`` used on its own, once across every process; False when
+        it was used before (or has expired by the gateway clock). ``appraise`` does this itself."""
         try:
             self._registry.consume_challenge(
                 nonce, device=device_id, expires_s=expires_s, now_s=self._clock()
@@ -133,9 +133,22 @@ class RegistryHooks:
         return True
 
     def appraise(self, request: AppraisalRequest) -> Appraisal:
-        """Appraise, release a key when the rule holds, record the verdict; see the module."""
+        """Mark the challenge used, appraise, release a key when the rule holds, record the
+        verdict; see the module.
+
+        Raises:
+            InvalidChallenge: the challenge was used before or has expired by the gateway clock;
+                nothing was kept.
+        """
         if self._registry.engine is self._ledger.engine:
             return self._appraise_in_one_transaction(request)
+        challenge = request.challenge
+        self._registry.consume_challenge(
+            challenge.nonce,
+            device=request.device_id,
+            expires_s=challenge.expires_s,
+            now_s=self._clock(),
+        )
         policy = self._policy()
         outcome = self._appraise(request, policy)
         outcome, brokered = self._release(outcome, policy, request.now_s)
@@ -168,14 +181,22 @@ class RegistryHooks:
     # --- the hot path: one read snapshot, one write transaction
 
     def _appraise_in_one_transaction(self, request: AppraisalRequest) -> Appraisal:
-        policy = self._policy()
         snapshot = self._registry.appraisal_snapshot(request.device_id)
+        policy = self._policy_with(snapshot)
         if snapshot is None:
             outcome = unknown_device(request, policy)
         else:
             outcome = self._appraise_snapshot(request, policy, snapshot)
         now_s = request.now_s
+        challenge = request.challenge
         with db.write_transaction(self._registry.engine, lock_key=LEDGER_LOCK_KEY) as conn:
+            self._registry.consume_challenge_in(
+                conn,
+                challenge.nonce,
+                device=request.device_id,
+                expires_s=challenge.expires_s,
+                now_s=self._clock(),
+            )
             outcome, brokered, events = self._release_in(conn, outcome, policy, now_s)
             record = VerdictRecord(
                 device_id=outcome.device_id,
@@ -190,13 +211,31 @@ class RegistryHooks:
             events.append(LedgerEvent(LedgerKind.VERDICT, _verdict_body(record), record.device_id))
             self._ledger.append_in(conn, events, now_s=now_s)
             platform = request.claims.platform
-            if outcome.status is not Status.CONTRAINDICATED and platform is not None:
+            if (
+                outcome.status is not Status.CONTRAINDICATED
+                and platform is not None
+                and snapshot is not None
+                and _raises(platform.fuse_counters, snapshot.device.counters)
+            ):
                 self._registry.raise_counters_in(
                     conn, request.device_id, dict(platform.fuse_counters)
                 )
         if brokered is None:
             return outcome.to_appraisal()
         return outcome.to_appraisal(brokered.key_release, brokered.lease)
+
+    def _policy_with(self, snapshot: AppraisalSnapshot | None) -> Policy:
+        """The policy in force: the newest stored one read with ``snapshot`` when the provider
+        reads this registry's stored policies (no read transaction of its own), else the
+        provider's."""
+        provider = self._policy
+        if (
+            snapshot is not None
+            and isinstance(provider, RegistryPolicy)
+            and provider.registry is self._registry
+        ):
+            return policy_of_record(snapshot.policy)
+        return provider()
 
     def _appraise_snapshot(
         self, request: AppraisalRequest, policy: Policy, snapshot: AppraisalSnapshot
@@ -299,6 +338,18 @@ class RegistryHooks:
             merged[name] = max(merged.get(name, 0), value)
         if merged != dict(device.counters):
             self._registry.set_counters(device.device_id, merged)
+
+
+def _raises(seen: Iterable[tuple[str, int]], known: Mapping[str, int]) -> bool:
+    """Whether a counter ``seen`` in a token is new to, or above, the one the snapshot ``known``
+    holds.
+
+    When none is, raising the stored counters to ``seen`` changes nothing and the write
+    transaction skips it: the hot path only ever raises counters, so whatever was stored since
+    the snapshot is at least what the snapshot saw (and a concurrent ``set_counters`` simply
+    comes after this appraisal, as it would had it committed a moment later).
+    """
+    return any(name not in known or value > known[name] for name, value in seen)
 
 
 def _verdict_body(record: VerdictRecord) -> bytes:

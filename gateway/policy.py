@@ -8,6 +8,8 @@ fields are refused, so a misspelt rule never silently falls back to its default.
 Policies are stored and versioned in the registry's ``policies`` table (``store_policy``); each
 verdict records the version it was made under. ``RegistryPolicy`` is the policy provider of the
 gateway hooks: it reads the newest stored version, or the built-in default when none is stored.
+A stored document is parsed once per (version, document) and the ``Policy`` kept (a pure function
+of the text); the hooks read the newest record itself with each appraisal snapshot.
 
 ``skip_measurement_checks`` is a test-only switch for the red team's negative control. It turns off
 every boot measurement check: a modified runtime then receives the key. The appraisal marks every
@@ -17,6 +19,7 @@ recorded reasons and explanation), so it is never silent. Never set it on a real
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -278,13 +281,28 @@ def load_policy(registry: Registry) -> Policy:
     Raises:
         PolicyError: the stored document is invalid, or its version is not the stored version.
     """
-    record = registry.latest_policy()
+    return policy_of_record(registry.latest_policy())
+
+
+def policy_of_record(record: PolicyRecord | None) -> Policy:
+    """The policy a stored record holds, or ``Policy.default()`` for None (no policy stored).
+
+    Raises:
+        PolicyError: the stored document is invalid, or its version is not the stored version.
+    """
     if record is None:
         return Policy.default()
-    policy = Policy.parse(record.document)
-    if policy.version != record.version:
+    return _stored_policy(record.version, record.document)
+
+
+@functools.lru_cache(maxsize=16)
+def _stored_policy(version: int, document: str) -> Policy:
+    """A stored document parsed and checked against its stored version, once per pair (a pure
+    function of the two, so kept; a failure raises every time and is never kept)."""
+    policy = Policy.parse(document)
+    if policy.version != version:
         raise PolicyError(
-            f"policy.version: the document says {policy.version}, stored as {record.version}"
+            f"policy.version: the document says {policy.version}, stored as {version}"
         )
     return policy
 
@@ -302,6 +320,11 @@ class RegistryPolicy:
     def __init__(self, registry: Registry) -> None:
         """Read policies from ``registry``."""
         self._registry = registry
+
+    @property
+    def registry(self) -> Registry:
+        """The registry the policies are read from."""
+        return self._registry
 
     def __call__(self) -> Policy:
         """The policy in force now."""

@@ -348,6 +348,8 @@ class AppraisalSnapshot:
     assigned: ReleaseId | None
     #: The assigned release when it is in the registry (None when absent or unassigned).
     assigned_release: ReleaseRecord | None
+    #: The newest stored policy (None when none is stored: the built-in default applies).
+    policy: PolicyRecord | None
 
 
 # --- the registry -----------------------------------------------------------------------------
@@ -432,6 +434,15 @@ class Registry:
         with db.read_transaction(self._engine) as conn:
             row = _SELECT_DEVICE.first(conn, {"device_id": device})
         return None if row is None else _device(row)
+
+    def iak_points(self, device: DeviceId) -> tuple[bytes, bytes] | None:
+        """The enrolled IAK points of ``device`` (SECURED class, debug class), or None when it
+        is not enrolled: what a verifier needs of a device, without the rest of its row."""
+        with db.read_transaction(self._engine) as conn:
+            row = _SELECT_IAK_POINTS.first(conn, {"device_id": device})
+        if row is None:
+            return None
+        return bytes(row["iak_secured_point"]), bytes(row["iak_debug_point"])
 
     def get_device(self, device: DeviceId) -> DeviceRecord:
         """The device ``device``.
@@ -798,6 +809,24 @@ class Registry:
             ChallengeReplayed: the challenge was consumed before, by any process.
             ValueError: ``challenge`` is not 16 to 64 bytes.
         """
+        with db.write_transaction(self._engine) as conn:
+            self.consume_challenge_in(
+                conn, challenge, device=device, expires_s=expires_s, now_s=now_s
+            )
+
+    @staticmethod
+    def consume_challenge_in(
+        conn: Connection, challenge: bytes, *, device: DeviceId, expires_s: int, now_s: int
+    ) -> None:
+        """``consume_challenge`` inside the caller's write transaction ``conn``: the challenge is
+        used once the caller commits. On an exception the caller must roll back (on PostgreSQL
+        the refused insert has aborted the transaction).
+
+        Raises:
+            ChallengeExpired: ``now_s`` is past ``expires_s``.
+            ChallengeReplayed: the challenge was consumed before, by any process.
+            ValueError: ``challenge`` is not 16 to 64 bytes.
+        """
         if not 16 <= len(challenge) <= 64:
             raise ValueError(f"challenge id: expected 16 to 64 bytes, got {len(challenge)}")
         if now_s > expires_s:
@@ -809,8 +838,7 @@ class Registry:
             "used_at_s": now_s,
         }
         try:
-            with db.write_transaction(self._engine) as conn:
-                _INSERT_CHALLENGE.rows(conn, values)
+            _INSERT_CHALLENGE.rows(conn, values)
         except exc.IntegrityError as err:
             raise ChallengeReplayed("challenge already used") from err
 
@@ -930,17 +958,14 @@ class Registry:
     def latest_policy(self) -> PolicyRecord | None:
         """The newest policy, or None when none was stored."""
         with db.read_transaction(self._engine) as conn:
-            row = _SELECT_LATEST_POLICY.first(conn)
-        if row is None:
-            return None
-        return PolicyRecord(int(row["version"]), str(row["document"]), int(row["at_s"]))
+            return _policy(_SELECT_LATEST_POLICY.first(conn))
 
     # --- the attestation hot path: one read snapshot, writes inside a caller's transaction
 
     def appraisal_snapshot(self, device: DeviceId) -> AppraisalSnapshot | None:
         """Everything an appraisal of ``device`` reads, in one read transaction: the device,
-        the manufacturer CAs, the product's reference values and epoch, the assignment and the
-        assigned release. None when the device is not enrolled."""
+        the manufacturer CAs, the product's reference values and epoch, the assignment, the
+        assigned release and the newest stored policy. None when the device is not enrolled."""
         with db.read_transaction(self._engine) as conn:
             mapping = _SELECT_DEVICE_SNAPSHOT.first(conn, {"device_id": device})
             if mapping is None:
@@ -963,6 +988,7 @@ class Registry:
                 _reference_value(found)
                 for found in _SELECT_REFERENCES.rows(conn, {"product": record.product})
             )
+            policy = _policy(_SELECT_LATEST_POLICY.first(conn))
         return AppraisalSnapshot(
             device=record,
             anchors=anchors,
@@ -970,6 +996,7 @@ class Registry:
             epoch=epoch,
             assigned=None if assigned is None else ReleaseId(assigned),
             assigned_release=release,
+            policy=policy,
         )
 
     @staticmethod
@@ -1072,6 +1099,11 @@ _RELEASE_COLUMNS: Final = tuple(c for c in releases_table.c if c.name != "sealed
 _SELECT_DEVICE: Final = db.HotStatement(
     sa.select(devices_table).where(devices_table.c.device_id == sa.bindparam("device_id"))
 )
+_SELECT_IAK_POINTS: Final = db.HotStatement(
+    sa.select(devices_table.c.iak_secured_point, devices_table.c.iak_debug_point).where(
+        devices_table.c.device_id == sa.bindparam("device_id")
+    )
+)
 # The device, its product's epoch, its assignment and the assigned release in one statement.
 _SELECT_DEVICE_SNAPSHOT: Final = db.HotStatement(
     sa.select(
@@ -1146,6 +1178,12 @@ def _device(row: Mapping[Any, Any]) -> DeviceRecord:
         revoke_reason=row["revoke_reason"],
         counters=_frozen_counters(counters),
     )
+
+
+def _policy(row: Mapping[Any, Any] | None) -> PolicyRecord | None:
+    if row is None:
+        return None
+    return PolicyRecord(int(row["version"]), str(row["document"]), int(row["at_s"]))
 
 
 def _trust_anchor(row: Mapping[Any, Any]) -> TrustAnchor:

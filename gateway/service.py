@@ -310,7 +310,7 @@ class GatewayService:
         session = VerifierSession(self._config, self._hooks, device)
         now_s = self._now_s()
         try:
-            event = session.receive_data(payload, now_s=now_s, randomness=self._randomness)
+            event = session.receive_message(message, now_s=now_s, randomness=self._randomness)
         except RemoteProtocolError as err:
             self._count("attest.malformed", str(err))
             return

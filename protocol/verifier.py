@@ -12,8 +12,10 @@ Rules:
   MAC, session and device → ``challenge.invalid``; expiry → ``challenge.expired``; enrolled device →
   ``device.unknown``; token signature under the SECURED-class IAK, else the debug-class IAK →
   ``evidence.signature.invalid``; claims → ``evidence.malformed``; binding of the nonce to the
-  challenge and enclave key → ``evidence.binding.mismatch``; single use → ``nonce.replayed``. The
-  appraisal (policy, reference values, epochs; supplied by the gateway) then decides the status.
+  challenge and enclave key → ``evidence.binding.mismatch``. The appraisal (policy, reference
+  values, epochs; supplied by the gateway) then marks the challenge used and decides the status,
+  as one atomic step: a challenge used before → ``nonce.replayed``, and nothing the appraisal
+  records is kept without its challenge marked used (nor the reverse).
 - A key is released only for an affirming result, or for a warning whose only finding is
   ``counter.below_epoch`` (DESIGN §5) — checked here at run time whatever the appraiser says.
 - The device gets reason codes only; the appraisal with its explanation stays with the caller.
@@ -32,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from protocol import cose, messages, psa
 from protocol._machine import Machine
 from protocol.errors import (
+    InvalidChallenge,
     InvalidSignature,
     LocalProtocolError,
     MalformedMessage,
@@ -73,6 +76,9 @@ class AppraisalRequest:
     claims: psa.PsaClaims
     key_class: KeyClass
     now_s: int
+    #: The challenge the evidence answers (MAC, device, session, expiry and binding checked):
+    #: the appraiser marks it used (``VerifierHooks.appraise``).
+    challenge: messages.Challenge
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,18 +104,21 @@ class Appraisal:
 
 
 class VerifierHooks(Protocol):
-    """What the gateway supplies: enrollment lookup, single use, and appraisal."""
+    """What the gateway supplies: enrollment lookup, and single use with the appraisal."""
 
     def device_keys(self, device_id: DeviceId) -> DeviceKeys | None:
         """The enrolled IAKs of ``device_id``, or None when it is not enrolled."""
         ...
 
-    def consume_challenge(self, device_id: DeviceId, nonce: bytes, expires_s: int) -> bool:
-        """Mark a challenge used; False when it was used before."""
-        ...
-
     def appraise(self, request: AppraisalRequest) -> Appraisal:
-        """Appraise verified evidence against policy and reference values."""
+        """Mark ``request.challenge`` used and appraise the evidence against policy and
+        reference values, as one atomic step: a challenge is used at most once across every
+        verifier instance, and what the appraisal records is kept only with it.
+
+        Raises:
+            InvalidChallenge: the challenge was used before (or has expired by the appraiser's
+                clock); nothing was appraised or kept. The session refuses ``nonce.replayed``.
+        """
         ...
 
 
@@ -240,6 +249,16 @@ class VerifierSession:
             message = messages.decode_attest_up(data)
         except MalformedMessage as err:
             self._machine.violate(RemoteProtocolError, f"malformed message: {err}", err)
+        return self.receive_message(message, now_s=now_s, randomness=randomness)
+
+    def receive_message(
+        self, message: messages.AttestUp, *, now_s: int, randomness: Callable[[int], bytes]
+    ) -> VerifierEvent:
+        """``receive_data`` for a payload its caller has decoded already (decoded once).
+
+        Raises:
+            RemoteProtocolError: not legal in this state (the session is then ERROR).
+        """
         if self.session_id is not None and message.session_id != self.session_id:
             self._machine.violate(RemoteProtocolError, "message for another session")
         self.session_id = message.session_id
@@ -290,11 +309,13 @@ class VerifierSession:
             return self._refuse(
                 evidence.session_id, (ReasonCode.EVIDENCE_BINDING_MISMATCH,), claims
             )
-        challenge = evidence.challenge
-        if not self.hooks.consume_challenge(self.device_id, challenge.nonce, challenge.expires_s):
+        request = AppraisalRequest(
+            self.device_id, evidence.session_id, claims, key_class, now_s, evidence.challenge
+        )
+        try:
+            appraisal = self.hooks.appraise(request)
+        except InvalidChallenge:
             return self._refuse(evidence.session_id, (ReasonCode.NONCE_REPLAYED,), claims)
-        request = AppraisalRequest(self.device_id, evidence.session_id, claims, key_class, now_s)
-        appraisal = self.hooks.appraise(request)
         return self._conclude(evidence, claims, appraisal, now_s)
 
     def _check_challenge(self, evidence: messages.Evidence, now_s: int) -> ReasonCode | None:

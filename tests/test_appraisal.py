@@ -55,7 +55,7 @@ from gateway.registry import (
     TrustAnchorKind,
     VerdictRecord,
 )
-from protocol import keys, psa
+from protocol import keys, messages, psa
 from protocol.attester import (
     AttesterEvent,
     AttesterSession,
@@ -911,6 +911,15 @@ _FAULTS: dict[
 }
 
 
+def appraisal_request(claims: psa.PsaClaims) -> AppraisalRequest:
+    """A request as the verifier session hands it over, for ``claims`` signed by the SECURED IAK."""
+    session = SessionId(bytes(16))
+    challenge = messages.Challenge(
+        session_id=session, device_id=DEVICE, nonce=bytes(32), expires_s=NOW + 30, mac=bytes(32)
+    )
+    return AppraisalRequest(DEVICE, session, claims, KeyClass.SECURED, NOW, challenge)
+
+
 @settings(max_examples=120, deadline=None)
 @given(st.sets(st.sampled_from(sorted(_FAULTS))))
 def test_appraisal_collects_exactly_the_findings_of_any_fault_set(faults: set[str]) -> None:
@@ -918,7 +927,7 @@ def test_appraisal_collects_exactly_the_findings_of_any_fault_set(faults: set[st
     device, claims = _DEVICE_RECORD, good_claims(bytes(32))
     for name in sorted(faults):
         device, claims = _FAULTS[name][1](device), _FAULTS[name][2](claims)
-    request = AppraisalRequest(DEVICE, SessionId(bytes(16)), claims, KeyClass.SECURED, NOW)
+    request = appraisal_request(claims)
     outcome = appraisal.appraise(
         request,
         device=device,
@@ -943,9 +952,7 @@ def test_appraisal_collects_exactly_the_findings_of_any_fault_set(faults: set[st
 def test_bare_ca_key_anchor_and_expired_certificate() -> None:
     """An anchor without a certificate still verifies the chain; an expired certificate is found."""
     device = replace(_DEVICE_RECORD, cert_secured_der=issue(SECURED_IAK, not_after_s=NOW - 1))
-    request = AppraisalRequest(
-        DEVICE, SessionId(bytes(16)), good_claims(bytes(32)), KeyClass.SECURED, NOW
-    )
+    request = appraisal_request(good_claims(bytes(32)))
     outcome = appraisal.appraise(
         request,
         device=device,
@@ -963,9 +970,7 @@ def test_certificate_for_another_device_or_key_is_a_mismatch() -> None:
     """A certificate naming another device, or over another key, is certificate.mismatch."""
     wrong = issue(keys.derive_iak(OTHER_HUK, SECURED_CLASS), device=STRANGER)
     device = replace(_DEVICE_RECORD, cert_secured_der=wrong)
-    request = AppraisalRequest(
-        DEVICE, SessionId(bytes(16)), good_claims(bytes(32)), KeyClass.SECURED, NOW
-    )
+    request = appraisal_request(good_claims(bytes(32)))
     outcome = appraisal.appraise(
         request,
         device=device,

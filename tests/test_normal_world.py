@@ -47,7 +47,7 @@ from device.normal_world.updater import (
 )
 from gateway.broker import Broker
 from protocol import image, keys, messages, topics
-from protocol.errors import MalformedMessage, UsageError
+from protocol.errors import InvalidChallenge, MalformedMessage, UsageError
 from protocol.ids import DeviceId, ReleaseId, class_id, product
 from protocol.reasons import Status
 from protocol.results import Command, CommandKind, Lease, TrustVector, sign_command
@@ -501,14 +501,11 @@ class TestGateway(threading.Thread):
         """The enrolled keys."""
         return self.enrolled.get(device_id)
 
-    def consume_challenge(self, device_id: DeviceId, nonce: bytes, expires_s: int) -> bool:
-        """Single use by nonce."""
-        fresh = nonce not in self.used
-        self.used.add(nonce)
-        return fresh
-
     def appraise(self, request: AppraisalRequest) -> Appraisal:
-        """Affirm, releasing the device's assigned app."""
+        """Single use by nonce, then affirm, releasing the device's assigned app."""
+        if request.challenge.nonce in self.used:
+            raise InvalidChallenge("challenge already used")
+        self.used.add(request.challenge.nonce)
         app = self.assigned[request.device_id]
         release = KeyRelease(app.cek, app.digest, app.release_id, len(app.image))
         return Appraisal(

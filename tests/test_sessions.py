@@ -20,7 +20,12 @@ from protocol.attester import (
     Refused,
     VerdictReceived,
 )
-from protocol.errors import LocalProtocolError, ProtocolViolation, RemoteProtocolError
+from protocol.errors import (
+    InvalidChallenge,
+    LocalProtocolError,
+    ProtocolViolation,
+    RemoteProtocolError,
+)
 from protocol.grant import open_grant
 from protocol.ids import DeviceId, ReleaseId, SessionId
 from protocol.reasons import ReasonCode, Status
@@ -76,15 +81,11 @@ class Hooks:
         """The enrolled keys."""
         return self.enrolled.get(device_id)
 
-    def consume_challenge(self, device_id: DeviceId, nonce: bytes, expires_s: int) -> bool:
-        """Single use by nonce."""
-        if nonce in self.used:
-            return False
-        self.used.add(nonce)
-        return True
-
     def appraise(self, request: AppraisalRequest) -> Appraisal:
-        """The canned appraisal, recording the request."""
+        """Single use by nonce, then the canned appraisal, recording the request."""
+        if request.challenge.nonce in self.used:
+            raise InvalidChallenge("challenge already used")
+        self.used.add(request.challenge.nonce)
         self.requests.append(request)
         return self.appraisal
 

@@ -77,9 +77,6 @@ class _Hooks:
     def device_keys(self, device_id: DeviceId) -> DeviceKeys | None:
         return self.keys
 
-    def consume_challenge(self, device_id: DeviceId, nonce: bytes, expires_s: int) -> bool:
-        return True
-
     def appraise(self, request: AppraisalRequest) -> Appraisal:
         return self.appraisal
 
