@@ -58,12 +58,14 @@ class SchemaVersionError(UsageError):
     """
 
 
-def open_engine(url: str) -> Engine:
+def open_engine(url: str, *, wal_checkpoints_elsewhere: bool = False) -> Engine:
     """Open the registry database named by ``url`` and check that it is reachable.
 
     Args:
         url: ``sqlite:///path``, a plain file path (SQLite), ``postgresql://...`` or
             ``postgresql+psycopg://...``.
+        wal_checkpoints_elsewhere: SQLite only: this engine's commits leave WAL checkpoints to
+            a ``WalCheckpointer`` (up to ``WAL_BACKSTOP_PAGES``, when they checkpoint again).
 
     Raises:
         UsageError: the URL is malformed, names another backend or driver, or an in-memory SQLite.
@@ -72,6 +74,8 @@ def open_engine(url: str) -> Engine:
     parsed = _parse_url(url)
     if parsed.get_backend_name() == "sqlite":
         engine = _sqlite_engine(parsed)
+        if wal_checkpoints_elsewhere:
+            event.listen(engine, "connect", _sqlite_backstop_checkpoints)
     else:
         engine = _postgres_engine(parsed)
     try:
@@ -215,6 +219,57 @@ def _sqlite_on_connect(dbapi_connection: object, _record: ConnectionPoolEntry) -
         cursor.execute("PRAGMA foreign_keys = ON")
     finally:
         cursor.close()
+
+
+#: With a ``WalCheckpointer``: the WAL size (pages) at which a commit checkpoints after all.
+WAL_BACKSTOP_PAGES: Final = 16_384
+
+
+def _sqlite_backstop_checkpoints(dbapi_connection: object, _record: ConnectionPoolEntry) -> None:
+    cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
+    try:
+        cursor.execute(f"PRAGMA wal_autocheckpoint = {WAL_BACKSTOP_PAGES}")
+    finally:
+        cursor.close()
+
+
+class WalCheckpointer:
+    """Checkpoints a SQLite WAL from the caller's (idle) thread, not in a committing one.
+
+    By default SQLite checkpoints inside the COMMIT that grows the WAL past 1,000 pages: the
+    gateway's message thread would copy pages and fsync the database file while devices wait.
+    The serving process opens its engine with ``wal_checkpoints_elsewhere`` and calls
+    ``checkpoint`` often from its housekeeping thread; ``sqlite3`` releases the GIL meanwhile,
+    so the work moves to the other core. PASSIVE never blocks readers or the writer. A no-op
+    on PostgreSQL.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        """A connection of its own to ``engine``'s SQLite file (none for PostgreSQL)."""
+        self._conn: sqlite3.Connection | None = None
+        if is_sqlite(engine):
+            path = str(engine.url.database)
+            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+
+    def checkpoint(self) -> None:
+        """Copy what the WAL holds into the database file, as far as readers allow.
+
+        Raises:
+            TransportError: the database cannot be written.
+        """
+        if self._conn is None:
+            return
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as err:
+            raise TransportError(f"WAL checkpoint failed: {type(err).__name__}") from err
+
+    def close(self) -> None:
+        """Close its connection."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 def _sqlite_on_begin(conn: Connection) -> None:

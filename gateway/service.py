@@ -64,6 +64,8 @@ _log = logging.getLogger(__name__)
 
 #: A drop reason is logged at most once per this many seconds.
 LOG_INTERVAL_S: Final = 60
+#: How often ``ServiceRunner.run`` checkpoints the SQLite WAL (``db.WalCheckpointer``).
+WAL_CHECKPOINT_EVERY_S: Final = 0.2
 #: Devices whose rate-limit buckets are remembered (least recently seen forgotten first).
 MAX_TRACKED_DEVICES: Final = 100_000
 INTERNAL_ERROR: Final = "internal.error"
@@ -494,9 +496,14 @@ class ServiceRunner:
         options: RunOptions,
         clock: Callable[[], float],
         randomness: Callable[[int], bytes],
+        wal: db.WalCheckpointer | None = None,
     ) -> None:
-        """Wire a service to a new MQTT client (nothing connects before ``start``)."""
+        """Wire a service to a new MQTT client (nothing connects before ``start``).
+
+        ``wal`` checkpoints the SQLite WAL from ``run``'s thread (``db.WalCheckpointer``).
+        """
         self._registry = registry
+        self._wal = wal
         self._ledger = ledger
         self._signer = signer
         self._options = options
@@ -548,11 +555,23 @@ class ServiceRunner:
 
         Call ``start`` first; paho keeps reconnecting with backoff while the broker is away.
         """
+        next_housekeeping = time.monotonic() + self._options.checkpoint_every_s
         try:
-            while not self._stop.wait(self._options.checkpoint_every_s):
-                self._housekeep()
+            while not self._stop.wait(WAL_CHECKPOINT_EVERY_S):
+                self._checkpoint_wal()
+                if time.monotonic() >= next_housekeeping:
+                    next_housekeeping = time.monotonic() + self._options.checkpoint_every_s
+                    self._housekeep()
         finally:
             self.close()
+
+    def _checkpoint_wal(self) -> None:
+        if self._wal is None:
+            return
+        try:
+            self._wal.checkpoint()
+        except TransportError as err:  # commits checkpoint themselves past the backstop
+            _log.warning("WAL checkpoint failed: %s", err)
 
     def _housekeep(self) -> None:
         try:
@@ -565,6 +584,9 @@ class ServiceRunner:
         """Disconnect and sign a last checkpoint."""
         self.client.stop()
         self.checkpoint()
+        if self._wal is not None:
+            self._checkpoint_wal()
+            self._wal.close()
 
     def checkpoint(self) -> None:
         """Sign a ledger checkpoint when the head moved since the last one."""
@@ -589,7 +611,7 @@ def build_runner(
         UsageError: a bad database URL or workspace (no challenge secret).
         TransportError: the database is unreachable.
     """
-    engine = db.open_engine(db_url)
+    engine = db.open_engine(db_url, wal_checkpoints_elsewhere=True)
     registry = Registry.open(engine)
     ledger = Ledger.open(engine)
     signer = kms.result_signer()
@@ -605,4 +627,5 @@ def build_runner(
         options=options,
         clock=clock,
         randomness=randomness,
+        wal=db.WalCheckpointer(engine),
     )

@@ -180,6 +180,44 @@ def test_open_engine_takes_a_plain_path_as_sqlite(tmp_path: Path) -> None:
         engine.dispose()
 
 
+def test_wal_checkpoints_move_out_of_the_committing_connection(tmp_path: Path) -> None:
+    """With ``wal_checkpoints_elsewhere`` commits let the WAL grow (up to the backstop); a
+    ``WalCheckpointer`` then copies every frame into the database file."""
+    engine = open_engine(str(tmp_path / "wal.db"), wal_checkpoints_elsewhere=True)
+    checkpointer = db.WalCheckpointer(engine)
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == (
+                db.WAL_BACKSTOP_PAGES
+            )
+            conn.exec_driver_sql("CREATE TABLE t (v BLOB)")
+            for _ in range(1_500):  # > 1,000 pages: the default would have checkpointed
+                conn.exec_driver_sql("INSERT INTO t VALUES (randomblob(4000))")
+                conn.commit()
+        written = 1_500 * 4_000
+        database, wal = tmp_path / "wal.db", tmp_path / "wal.db-wal"
+        assert database.stat().st_size < written // 10 < written < wal.stat().st_size
+        checkpointer.checkpoint()
+        assert database.stat().st_size > written
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar() == 1_500
+    finally:
+        checkpointer.close()
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_wal_checkpointer_is_a_no_op_on_postgresql(pg_url: str) -> None:
+    """PostgreSQL has no WAL for us to checkpoint: the checkpointer does nothing."""
+    engine = open_engine(pg_url, wal_checkpoints_elsewhere=True)
+    try:
+        checkpointer = db.WalCheckpointer(engine)
+        checkpointer.checkpoint()
+        checkpointer.close()
+    finally:
+        engine.dispose()
+
+
 @pytest.mark.postgres
 def test_open_engine_normalizes_postgresql_to_psycopg(pg_url: str) -> None:
     """A postgresql:// URL is served by psycopg 3."""
