@@ -1,11 +1,11 @@
-"""A tiny timing harness: best-of-N rates, printed as a rich table."""
+"""A tiny timing harness: best-of-N rates (alone or interleaved), printed as a rich table."""
 
 from __future__ import annotations
 
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from rich.console import Console
@@ -46,6 +46,32 @@ def rate(fn: Callable[[], object], *, min_time_s: float = 0.3, repeats: int = 5)
             if elapsed >= min_time_s:
                 break
         best = max(best, count / elapsed)
+    return best
+
+
+def rates_interleaved(
+    fns: Mapping[str, Callable[[], object]], *, rounds: int = 12, burst_s: float = 0.08
+) -> dict[str, float]:
+    """Operations per second of each of ``fns``: the best of ``rounds`` bursts each, the bursts
+    taken in turn (a, b, c, a, b, c, …).
+
+    An operation and the primitives it is compared with are then timed over the same minutes, so
+    a drift of the machine (another process, a VM's neighbour, the clock's boost) moves both and
+    leaves their ratio alone; timed one after the other, the ratio carries the drift.
+    """
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, 0.0)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            count, start = 0, time.perf_counter()
+            while True:
+                fn()
+                count += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= burst_s:
+                    break
+            best[name] = max(best[name], count / elapsed)
     return best
 
 
