@@ -30,20 +30,40 @@ def dumps(obj: object) -> bytes:
     return encoded
 
 
-def bstr_head(length: int) -> bytes:
-    """The shortest CBOR head of a byte string of ``length`` bytes (RFC 8949 §3.1, §4.2.1).
+def head(major: int, length: int) -> bytes:
+    """The shortest CBOR head of major type ``major`` with argument ``length`` (RFC 8949 §3).
 
-    For writers that put large byte strings in place without copying them through the encoder.
+    For writers that put large items in place without copying them through the encoder.
     """
+    top = major << 5
     if length < 24:
-        return bytes((0x40 | length,))
+        return bytes((top | length,))
     if length < 0x100:
-        return bytes((0x58, length))
+        return bytes((top | 24, length))
     if length < 0x1_0000:
-        return b"\x59" + length.to_bytes(2, "big")
+        return bytes((top | 25,)) + length.to_bytes(2, "big")
     if length < 0x1_0000_0000:
-        return b"\x5a" + length.to_bytes(4, "big")
-    return b"\x5b" + length.to_bytes(8, "big")
+        return bytes((top | 26,)) + length.to_bytes(4, "big")
+    return bytes((top | 27,)) + length.to_bytes(8, "big")
+
+
+def bstr_head(length: int) -> bytes:
+    """The shortest CBOR head of a byte string of ``length`` bytes (RFC 8949 §3.1, §4.2.1)."""
+    return head(2, length)
+
+
+def map_parts(entries: Mapping[str, bytes]) -> list[bytes]:
+    """A map of text keys to byte strings in deterministic CBOR, as pieces to join or stream.
+
+    The values are pieces themselves (not copied); keys are ordered as ``dumps`` orders them
+    (by encoded length, then bytewise: RFC 7049 canonical, as cbor2's ``canonical=True``).
+    """
+    keyed = sorted((dumps(key), value) for key, value in entries.items())
+    keyed.sort(key=lambda item: len(item[0]))
+    parts = [head(5, len(keyed))]
+    for key, value in keyed:
+        parts += (key, bstr_head(len(value)), value)
+    return parts
 
 
 def loads(data: bytes, *, what: str, max_bytes: int = DEFAULT_MAX_BYTES) -> object:

@@ -18,12 +18,13 @@ import hashlib
 import hmac
 import io
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from protocol import cbor, cose, keys
@@ -145,14 +146,22 @@ class AppBundle:
 
     def encode(self) -> bytes:
         """The canonical CBOR map ``{1: version, 2: {path: source}, 3: {path: mpy}, 4: entry}``."""
-        return cbor.dumps(
-            {
-                1: self.format_version,
-                2: dict(self.sources),
-                3: dict(self.compiled),
-                4: self.entry_point,
-            }
-        )
+        return b"".join(self.encode_parts())
+
+    def encode_parts(self) -> list[bytes]:
+        """``encode()`` in pieces whose concatenation it is, the files' bytes among them as they
+        are: ``seal_parts`` encrypts them without a copy of the whole bundle."""
+        return [
+            cbor.head(5, 4),
+            cbor.dumps(1),
+            cbor.dumps(self.format_version),
+            cbor.dumps(2),
+            *cbor.map_parts(dict(self.sources)),
+            cbor.dumps(3),
+            *cbor.map_parts(dict(self.compiled)),
+            cbor.dumps(4),
+            cbor.dumps(self.entry_point),
+        ]
 
     @classmethod
     def decode(cls, data: bytes) -> AppBundle:
@@ -362,7 +371,7 @@ def es256_signer_and_point(
 
 
 def seal_image(
-    plaintext: bytes,
+    plaintext: bytes | Sequence[bytes],
     *,
     cek: bytes,
     iv: bytes,
@@ -378,6 +387,9 @@ def seal_image(
 ) -> bytes:
     """Encrypt ``plaintext`` (an encoded app bundle) and sign its manifest; return the image bytes.
 
+    ``plaintext`` may come in pieces (``AppBundle.encode_parts``): they are encrypted in turn,
+    as if joined, without a copy of the whole.
+
     The CEK and IV come in as parameters (they are random at build time, chosen by the caller).
     ``vendor_public`` is needed only when ``vendor_key`` is an ``Es256Signer``.
 
@@ -387,6 +399,7 @@ def seal_image(
     """
     if len(cek) != CEK_BYTES:
         raise ValueError(f"CEK must be {CEK_BYTES} bytes, got {len(cek)}")
+    parts: Sequence[bytes] = (plaintext,) if isinstance(plaintext, bytes) else plaintext
     signer, point = es256_signer_and_point(vendor_key, vendor_public, what="vendor_key")
     vendor_id = hashlib.sha256(point).digest()
     # Validates every field before any work on the payload; the digests are filled in below.
@@ -395,7 +408,7 @@ def seal_image(
         class_id=class_id,
         version=version,
         security_counter=security_counter,
-        payload_size=len(plaintext),
+        payload_size=sum(len(part) for part in parts),
         ciphertext_sha256=bytes(DIGEST_BYTES),
         plaintext_sha256=bytes(DIGEST_BYTES),
         iv=iv,
@@ -409,7 +422,7 @@ def seal_image(
     # signed manifest's length does not depend on the digests (fixed-size byte strings), so the
     # layout is known before the ciphertext exists.
     manifest_size = len(cose.sign1_create(draft.encode(), _placeholder_signer, kid=vendor_id))
-    ciphertext_size = len(plaintext) + TAG_BYTES
+    ciphertext_size = draft.payload_size + TAG_BYTES
     ciphertext_at = (
         len(IMAGE_PREFIX)
         + len(cbor.bstr_head(manifest_size))
@@ -420,11 +433,13 @@ def seal_image(
     # getvalue() hands that same object back, without the copy bytes(bytearray) would make.
     out = io.BytesIO(bytes(ciphertext_at + ciphertext_size))
     with out.getbuffer() as view:
-        AESGCM(cek).encrypt_into(iv, plaintext, associated_data(draft), view[ciphertext_at:])
+        plaintext_sha256 = _encrypt_into(
+            cek, iv, associated_data(draft), parts, view[ciphertext_at:]
+        )
         manifest = dataclasses.replace(
             draft,
             ciphertext_sha256=hashlib.sha256(view[ciphertext_at:]).digest(),
-            plaintext_sha256=hashlib.sha256(plaintext).digest(),
+            plaintext_sha256=plaintext_sha256,
         )
         manifest_bytes = cose.sign1_create(manifest.encode(), signer, kid=vendor_id)
         if len(manifest_bytes) != manifest_size:  # an encoder change would break the layout
@@ -438,6 +453,26 @@ def seal_image(
             )
         )
     return out.getvalue()
+
+
+def _encrypt_into(
+    cek: bytes, iv: bytes, aad: bytes, parts: Sequence[bytes], out: memoryview
+) -> bytes:
+    """AES-256-GCM of the pieces joined, written to ``out`` (ciphertext, then the 16-byte tag);
+    the SHA-256 of the plaintext."""
+    if len(parts) == 1:  # one piece: the one-shot AEAD
+        AESGCM(cek).encrypt_into(iv, parts[0], aad, out)
+        return hashlib.sha256(parts[0]).digest()
+    encryptor = Cipher(algorithms.AES(cek), modes.GCM(iv)).encryptor()
+    encryptor.authenticate_additional_data(aad)
+    digest = hashlib.sha256()
+    at = 0
+    for part in parts:  # ``out`` always has room: what is left of the plaintext + the tag
+        at += encryptor.update_into(part, out[at:])
+        digest.update(part)
+    encryptor.finalize()
+    out[at : at + TAG_BYTES] = encryptor.tag
+    return digest.digest()
 
 
 def _placeholder_signer(data: bytes) -> bytes:

@@ -105,7 +105,7 @@ def seal_app(
     """
     cek = random(image.CEK_BYTES)
     sealed = image.seal_image(
-        bundle.encode(),
+        bundle.encode_parts(),  # sealed piece by piece: no copy of the whole bundle
         cek=cek,
         iv=random(image.IV_BYTES),
         key_id=random(image.KEY_ID_BYTES),

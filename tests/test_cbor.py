@@ -120,3 +120,16 @@ def test_session_class_and_release_ids() -> None:
     assert ids.release_id(bytes(32)) == "00" * 32
     with pytest.raises(ValueError, match="32 bytes"):
         ids.release_id(bytes(31))
+
+
+@given(
+    st.dictionaries(st.text(max_size=30), st.binary(max_size=300), max_size=30),
+    st.sampled_from([0, 23, 24, 255, 256, 65535, 65536]),
+)
+@settings(max_examples=200)
+def test_heads_and_map_parts_are_the_encoders_bytes(entries: dict[str, bytes], size: int) -> None:
+    """Hand-written heads and map pieces are byte-identical to deterministic encoding."""
+    assert b"".join(cbor.map_parts(entries)) == cbor.dumps(entries)
+    assert cbor.bstr_head(size) + bytes(size) == cbor.dumps(bytes(size))
+    for n in (size, 2**32 - 1, 2**32, 2**64 - 1):
+        assert cbor.head(0, n) == cbor.dumps(n)
