@@ -335,7 +335,8 @@ class SealedImage:
 
     manifest_bytes: bytes
     manifest: Manifest
-    ciphertext: bytes
+    #: A read-only view into the parsed image's bytes (no copy of the payload), or bytes.
+    ciphertext: bytes | memoryview
 
     def encode(self) -> bytes:
         """The image bytes again (the inverse of ``parse_unverified_image``)."""
@@ -562,7 +563,7 @@ def parse_unverified_image(data: bytes) -> SealedImage:
     return SealedImage(
         manifest_bytes=header.manifest_bytes,
         manifest=header.manifest,
-        ciphertext=bytes(data[header.ciphertext_offset :]),
+        ciphertext=memoryview(data).toreadonly()[header.ciphertext_offset :],
     )
 
 

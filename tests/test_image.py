@@ -439,7 +439,7 @@ def test_parser_refuses_crafted_manifests() -> None:
     """Untagged, non-ES256 and kid-mismatched manifests are malformed."""
     sealed = parse_unverified_image(SEALED)
     payload = sealed.manifest.encode()
-    ct = sealed.ciphertext
+    ct = bytes(sealed.ciphertext)
     for manifest_bytes, message in [
         (_manifest_cose({1: -7}, VENDOR_ID, payload, False), "tag 18"),
         (_manifest_cose({1: -8}, VENDOR_ID, payload, True), "ES256"),
@@ -466,7 +466,7 @@ def test_parser_refuses_bad_heads() -> None:
             parse_unverified_image(data)
     sealed = parse_unverified_image(SEALED)
     with pytest.raises(MalformedMessage, match="ciphertext: expected"):
-        parse_unverified_image(_image(sealed.manifest_bytes, sealed.ciphertext + b"x"))
+        parse_unverified_image(_image(sealed.manifest_bytes, bytes(sealed.ciphertext) + b"x"))
     with pytest.raises(MalformedMessage, match="expected bytes"):
         parse_unverified_header("text")  # type: ignore[arg-type]
 
