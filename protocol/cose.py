@@ -221,11 +221,15 @@ def _hmac(key: bytes, protected: bytes, external_aad: bytes, payload: bytes) -> 
 
 #: ``["Signature1", …`` in deterministic CBOR: a 4-array and the 10-character context string.
 _SIG1_CONTEXT: Final = b"\x84\x6aSignature1"
+#: ``["Signature1", h'a10126', h'', …``: the start of every ES256 Sig_structure without AAD.
+_SIG1_ES256_NO_AAD: Final = _SIG1_CONTEXT + b"\x43" + _PROTECTED_ES256 + b"\x40"
 
 
 def _sig_structure(protected: bytes, external_aad: bytes, payload: bytes) -> bytes:
     # Sig_structure (RFC 9052 §4.4) in deterministic CBOR, written directly: byte-identical to
     # cbor.dumps(["Signature1", protected, external_aad, payload]) (a property test holds it).
+    if protected == _PROTECTED_ES256 and not external_aad:  # tokens, results: the hot path
+        return b"".join((_SIG1_ES256_NO_AAD, cbor.bstr_head(len(payload)), payload))
     return b"".join(
         (
             _SIG1_CONTEXT,
