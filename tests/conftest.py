@@ -86,12 +86,17 @@ def broker() -> Iterator[Broker]:
 def attack_bench(broker: Broker) -> Iterator[Bench]:
     """One attack bench for the session: workspaces, three boards, a release, the gateway serving.
 
-    Shared by every ``tests/test_attacks*.py`` module; each attack restores what it touched.
+    Shared by every ``tests/test_attacks*.py`` module; each attack restores what it touched. On a
+    mosquitto of its own: its gateway serves every device under the default prefix, and it lives
+    until the session ends, so on the shared broker it would answer other tests' devices.
     """
     from device.attacks.playbook import Bench
 
-    with tempfile.TemporaryDirectory(prefix="edgeseal-attack-") as tmp:
-        made = Bench(Path(tmp), broker.url)
+    with (
+        tempfile.TemporaryDirectory(prefix="edgeseal-attack-") as tmp,
+        running_mosquitto() as private,
+    ):
+        made = Bench(Path(tmp), private.url)
         made.setup()
         made.start_gateway()
         try:

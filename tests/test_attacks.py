@@ -132,3 +132,23 @@ def test_attack_cli_lists_and_runs_one_attack(tmp_path: Path) -> None:
     (report,) = json.loads(ran.output)
     assert report["name"] == "flash-dump" and report["outcome"] == "defended"
     assert busy.exit_code != 0  # the bench never reuses a non-empty directory
+
+
+def test_attack_all_reports_every_attack_defended_where_expected(tmp_path: Path) -> None:
+    """``edgeseal-device attack all --json``, the console script in a subprocess, on a bench of
+    its own: every attack of the catalog reported defended, detected at each of its expected
+    points, with zero leaks; exit 0."""
+    import subprocess
+    import sys
+
+    with running_mosquitto() as private:
+        argv = [sys.executable, "-m", "device", "attack", "all", "--json"]
+        argv += ["--home", str(tmp_path / "bench"), "--broker", private.url]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    reports = json.loads(proc.stdout)
+    assert [r["name"] for r in reports] == [a.name for a in ATTACKS]
+    for report in reports:
+        assert report["outcome"] == "defended", report
+        assert set(report["expected_at"]) <= set(report["detected_at"]), report
+        assert report["leaks"] == [] and report["scanned_bytes"] > 0, report

@@ -9,16 +9,13 @@ is ``tests/test_gateway_refusals.py``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
 import random
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -30,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import db
-from gateway.broker import Broker, config_text, find_mosquitto, free_port
+from gateway.broker import Broker, find_mosquitto, free_port, running_mosquitto
 from gateway.commands import CommandIssuer
 from gateway.hooks import RegistryHooks
 from gateway.ledger import Ledger
@@ -50,6 +47,7 @@ from protocol import cbor, image, keys, messages, topics
 from protocol.ids import DeviceId, ReleaseId, SessionId
 from protocol.reasons import ReasonCode, Status
 from protocol.results import CommandKind, verify_command, verify_result
+from tests.conftest import missing
 from tests.scripted_fleet import (
     WAIT_S,
     Fleet,
@@ -564,43 +562,21 @@ def test_two_gateway_processes_share_the_fleet(
 # --- the connection ------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _mosquitto_on(port: int) -> Iterator[subprocess.Popen[bytes]]:
-    binary = find_mosquitto()
-    if binary is None:
-        pytest.skip("mosquitto is not installed")
-    with tempfile.TemporaryDirectory() as tmp:
-        conf = Path(tmp) / "mosquitto.conf"
-        conf.write_text(config_text(port))
-        proc = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + WAIT_S
-            while time.monotonic() < deadline:
-                with (
-                    contextlib.suppress(OSError),
-                    socket.create_connection(("127.0.0.1", port), 0.2),
-                ):
-                    break
-                time.sleep(0.02)
-            yield proc
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
-
-
 def test_gateway_reconnects_after_the_broker_restarts(tmp_path: Path, rng: random.Random) -> None:
     """When the broker goes away and comes back, the gateway reconnects, resubscribes and serves;
     its socket has TCP_NODELAY."""
     port = free_port()
-    with _mosquitto_on(port) as first:
-        broker = Broker("127.0.0.1", port, first)
+    if find_mosquitto() is None:
+        missing("mosquitto is not installed (apt-get install mosquitto)")
+    with running_mosquitto(port=port) as broker:
+        first = broker.process
         with world_context(tmp_path, broker, rng, RateLimits()) as world:
             assert world.runner.client.tcp_nodelay
             fleet_device = world.fleet.make_device("dev-r")
             enroll(world.registry, world.fleet, fleet_device)
             first.terminate()
             first.wait(timeout=10)
-            with _mosquitto_on(port):
+            with running_mosquitto(port=port):
                 assert world.runner.client.wait_ready(WAIT_S)
                 device = world.device(fleet_device)
                 try:
