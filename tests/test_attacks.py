@@ -11,9 +11,10 @@ import pytest
 
 from device.attacks.catalog import ATTACKS, ATTACKS_BY_NAME, run_attack
 from device.attacks.playbook import Bench, exfil_attempt
-from device.attacks.report import AttackReport, Outcome, Where
+from device.attacks.report import Outcome, Where
 from gateway.broker import running_mosquitto
 from protocol.errors import UsageError
+from tests.attack_reports import assert_defended
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
@@ -22,15 +23,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.broker]
 def bench(attack_bench: Bench) -> Bench:
     """The session's attack bench (tests/conftest.py)."""
     return attack_bench
-
-
-def assert_defended(report: AttackReport, *where: Where) -> None:
-    """Defended, detected at each of ``where``, zero leaks, something scanned."""
-    assert report.error is None, report.error
-    assert report.leaks == (), report.leaks
-    for point in where:
-        assert point in report.detected_at, report.to_json()
-    assert report.outcome is Outcome.DEFENDED, report.to_json()
 
 
 def test_genuine_board_runs_and_leaks_nothing(bench: Bench) -> None:

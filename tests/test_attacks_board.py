@@ -8,10 +8,11 @@ from typing import Final
 import pytest
 
 from device.attacks.board import NEWER_VERSION
-from device.attacks.catalog import ATTACKS_BY_NAME, run_attack
+from device.attacks.catalog import ATTACKS_BY_NAME
 from device.attacks.playbook import Bench, run_json
-from device.attacks.report import AttackReport, Outcome, Where
+from device.attacks.report import AttackReport, Where
 from protocol.reasons import ReasonCode
+from tests.attack_reports import assert_defended, report_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
@@ -26,23 +27,6 @@ def bench(attack_bench: Bench) -> Bench:
 def reports() -> dict[str, AttackReport]:
     """Each attack's report, run once for this module (they take seconds each)."""
     return {}
-
-
-def report_of(bench: Bench, reports: dict[str, AttackReport], name: str) -> AttackReport:
-    """The report of ``name``, running it on first use."""
-    if name not in reports:
-        reports[name] = run_attack(bench, name)
-    return reports[name]
-
-
-def assert_defended(report: AttackReport, *where: Where) -> None:
-    """Defended, detected at each of ``where``, zero leaks, something scanned."""
-    assert report.error is None, report.error
-    assert report.leaks == (), report.leaks
-    assert report.scanned_bytes > 0
-    for point in where:
-        assert point in report.detected_at, report.to_json()
-    assert report.outcome is Outcome.DEFENDED, report.to_json()
 
 
 #: (attack, where it must be detected): the parametrized cases of this module.

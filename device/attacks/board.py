@@ -52,11 +52,11 @@ from device.attacks.playbook import (
     BenchError,
     DeviceRun,
     Sniffer,
-    _report,
-    _terminate,
-    _tool,
+    make_report,
     run_cli,
     run_json,
+    terminate,
+    tool_path,
 )
 from device.attacks.report import AttackReport, Where
 from device.attacks.wire import await_reply, enclave_attests, refused_with, request_challenge
@@ -98,7 +98,7 @@ def boot_offline(bench: Bench, device: str) -> tuple[bool, str]:
     start = len(bench.log(device))
     log = (bench.logs / f"{device}.log").open("ab")
     proc = subprocess.Popen(
-        [_tool("edgeseal-device"), "run", "--home", str(bench.home(device)),
+        [tool_path("edgeseal-device"), "run", "--home", str(bench.home(device)),
          "--broker", _dead_broker()],
         stdout=log,
         stderr=log,
@@ -118,7 +118,7 @@ def boot_offline(bench: Bench, device: str) -> tuple[bool, str]:
     try:
         bench.poll(decided, f"{device} decides on an offline boot")
     finally:
-        _terminate(proc)
+        terminate(proc)
     return found[0].group(1) == "True", found[0].group(2)
 
 
@@ -208,7 +208,7 @@ def _rollback(bench: Bench) -> AttackReport:
     # Outside the model (fuses glitched back too, as tests/test_e2e.py does): the gateway's memory.
     bench.restore(victim, "attacker-dump-1.0.0")
     glitched = bench.boot(victim)
-    report = _report(bench, ROLLBACK, glitched, [victim], "reflashed the dump with fuses too")
+    report = make_report(bench, ROLLBACK, glitched, [victim], "reflashed the dump with fuses too")
     return _rollback_report(bench, victim, report, control, offline, newer, seen, healed)
 
 
@@ -288,7 +288,7 @@ def _clock_rollback(bench: Bench) -> AttackReport:
     clock.set_board_time(0)
     outcomes.append(("NV store rolled back, clock at 1970", *boot_offline(bench, victim)))
     spent = _offline_boots(bench, victim)
-    report = _report(bench, CLOCK_ROLLBACK, ran, [victim], "attested once for a lease")
+    report = make_report(bench, CLOCK_ROLLBACK, ran, [victim], "attested once for a lease")
     expected = [(True, "ok")] * boots + [(False, "boots_spent")] * 2
     held = [(a, r) for _, a, r in outcomes] == expected and spent == boots
     return dataclasses.replace(
@@ -401,7 +401,7 @@ def _forged_report(
         released = released or got
     ran = DeviceRun("powered by the attacker", None, verdicts, released)
     report = _scanned(
-        _report(bench, NW_FORGED_EVIDENCE, ran, [victim, devboard], "forged 3 tokens"),
+        make_report(bench, NW_FORGED_EVIDENCE, ran, [victim, devboard], "forged 3 tokens"),
         bench,
         capture,
     )

@@ -63,7 +63,7 @@ class BenchError(UsageError):
     """A bench step failed (a console script exited non-zero, or a wait timed out)."""
 
 
-def _tool(name: str) -> str:
+def tool_path(name: str) -> str:
     local = BIN / name
     return str(local) if local.exists() else shutil.which(name) or name
 
@@ -75,7 +75,7 @@ def run_cli(*argv: str) -> str:
         BenchError: it exited non-zero.
     """
     proc = subprocess.run(
-        [_tool(argv[0]), *argv[1:]], capture_output=True, text=True, check=False, timeout=120
+        [tool_path(argv[0]), *argv[1:]], capture_output=True, text=True, check=False, timeout=120
     )
     if proc.returncode != 0:
         raise BenchError(f"{' '.join(argv[:3])}: exit {proc.returncode}: {proc.stderr[-300:]}")
@@ -224,7 +224,7 @@ class Bench:
         start = len(self.log("gateway"))
         log = (self.logs / "gateway.log").open("ab")
         self.gateway = subprocess.Popen(
-            [_tool("edgeseal-gateway"), *self.gw[1:], "serve", "--broker", self.url],
+            [tool_path("edgeseal-gateway"), *self.gw[1:], "serve", "--broker", self.url],
             stdout=log,
             stderr=log,
         )
@@ -234,7 +234,7 @@ class Bench:
     def stop_gateway(self) -> None:
         """Stop the gateway (``start_gateway`` serves it again, e.g. under a new policy)."""
         if self.gateway is not None:
-            _terminate(self.gateway)
+            terminate(self.gateway)
             self.gateway = None
 
     def stop(self) -> None:
@@ -242,7 +242,7 @@ class Bench:
         for device in list(self._running):
             self.stop_device(device)
         if self.gateway is not None:
-            _terminate(self.gateway)
+            terminate(self.gateway)
             self.gateway = None
 
     def log(self, name: str) -> str:
@@ -285,7 +285,7 @@ class Bench:
         log_start = len(self.log(device))
         log = (self.logs / f"{device}.log").open("ab")
         proc = subprocess.Popen(
-            [_tool("edgeseal-device"), "run", "--home", str(home), "--broker", self.url],
+            [tool_path("edgeseal-device"), "run", "--home", str(home), "--broker", self.url],
             stdout=log,
             stderr=log,
         )
@@ -316,7 +316,7 @@ class Bench:
         """Stop a board's NW (which powers the board off)."""
         proc = self._running.pop(device, None)
         if proc is not None:
-            _terminate(proc)
+            terminate(proc)
 
     def _timeline(self, device: str) -> list[dict[str, object]]:
         data = run_json(*self.gw, "device", device, "--json")
@@ -377,7 +377,7 @@ def _confirmed(home: Path) -> bool:
     return any(i.trailer_status == "confirmed" for i in inspect_flash(home).images)
 
 
-def _terminate(proc: subprocess.Popen[bytes]) -> None:
+def terminate(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is not None:
         return
     proc.terminate()
@@ -419,7 +419,7 @@ def _detected(run: DeviceRun, tampered_release: str | None = None) -> list[Where
     return sorted(set(where), key=list(Where).index)
 
 
-def _report(
+def make_report(
     bench: Bench,
     attack: Attack,
     run: DeviceRun,
@@ -494,7 +494,7 @@ def _tamper_attack(
         tampered = tamper(bench.home(victim))
         result = bench.boot(victim)
         bench.restore(victim)
-        return _report(bench, attack, result, [victim], did, tampered)
+        return make_report(bench, attack, result, [victim], did, tampered)
 
     attack = Attack(name, did, defence, (Where.DEVICE,), run)
     return attack
@@ -527,7 +527,9 @@ def _debug_unlock(bench: Bench) -> AttackReport:
     DebugPort(bench.home(victim)).request_unlock()
     ran = bench.boot(victim)
     bench.restore(victim)
-    return _report(bench, ATTACKS_BY_NAME["debug-unlock"], ran, [victim], "unlocked the debug port")
+    return make_report(
+        bench, ATTACKS_BY_NAME["debug-unlock"], ran, [victim], "unlocked the debug port"
+    )
 
 
 def _flash_clone(bench: Bench) -> AttackReport:
@@ -552,7 +554,7 @@ def _flash_clone(bench: Bench) -> AttackReport:
     ran.released = ran.released or released
     bench.restore(spare)
     attack = ATTACKS_BY_NAME["flash-clone"]
-    return _report(bench, attack, ran, [victim, spare], "cloned the victim into another board")
+    return make_report(bench, attack, ran, [victim, spare], "cloned the victim into another board")
 
 
 def _nw_memory(bench: Bench) -> AttackReport:
@@ -583,7 +585,9 @@ def _revoked(bench: Bench) -> AttackReport:
     bench.restore(target)
     run_cli(*bench.gw, "revoke", target)
     ran = bench.boot(target)
-    return _report(bench, ATTACKS_BY_NAME["revoked"], ran, [target], "operator revoked the board")
+    return make_report(
+        bench, ATTACKS_BY_NAME["revoked"], ran, [target], "operator revoked the board"
+    )
 
 
 #: The attacker's runtime stage for a board whose secure boot is off: it runs the genuine service
@@ -658,7 +662,7 @@ def exfil_attempt(bench: Bench, *, weakened: bool) -> AttackReport:
         if weakened:
             bench.set_policy(skip_measurement_checks=False, require_secure_boot=True)
     name = "exfil-runtime-weakened" if weakened else "exfil-runtime"
-    report = _report(
+    report = make_report(
         bench, ATTACKS_BY_NAME["exfil-runtime"], ran, [board], "flashed the exfiltrating runtime"
     )
     scan = bench.scanner().scan_file(capture)
@@ -972,7 +976,7 @@ def _evidence_replay(bench: Bench) -> AttackReport:
     released = released or granted
     replay = DeviceRun(ran.state, None, verdicts, released)
     attack = ATTACKS_BY_NAME["evidence-replay"]
-    report = _report(bench, attack, replay, [victim], "replayed a captured hello and evidence")
+    report = make_report(bench, attack, replay, [victim], "replayed a captured hello and evidence")
     refused = bool(refusals) and not released
     where = tuple(report.detected_at) or ((Where.GATEWAY,) if refused else ())
     scan = bench.scanner().scan_file(capture)
@@ -1004,7 +1008,7 @@ def _stage_rollback(bench: Bench) -> AttackReport:
     ran = bench.boot(victim)
     bench.restore(victim)
     attack = ATTACKS_BY_NAME["stage-rollback"]
-    return _report(bench, attack, ran, [victim], "flashed the older signed runtime stage")
+    return make_report(bench, attack, ran, [victim], "flashed the older signed runtime stage")
 
 
 ATTACKS: Final[tuple[Attack, ...]] = (

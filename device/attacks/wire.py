@@ -35,7 +35,7 @@ from device.attacks.playbook import (
     BenchError,
     DeviceRun,
     Sniffer,
-    _report,
+    make_report,
     run_cli,
     run_json,
 )
@@ -171,7 +171,7 @@ def _finish(
     """The playbook's report for ``device`` since ``before``, with the capture leak-scanned."""
     verdicts, released = bench.gateway_view(device, before)
     ran = DeviceRun("powered by the attacker", None, verdicts, released)
-    report = _report(bench, attack, ran, [device], note)
+    report = make_report(bench, attack, ran, [device], note)
     scan = bench.scanner().scan_file(capture)
     return dataclasses.replace(
         report,
