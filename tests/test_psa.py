@@ -705,5 +705,5 @@ def test_decoder_builders_equal_the_constructors() -> None:
     values = tuple(getattr(claims, f.name) for f in fields(psa.PsaClaims))
     assert psa._new_claims(*values) == claims
     assert hash(psa._new_claims(*values)) == hash(claims)
-    with pytest.raises(ValueError, match="shorter"):
+    with pytest.raises(ValueError, match="values to unpack"):
         psa._new_claims(*values[:-1])
