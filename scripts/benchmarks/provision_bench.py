@@ -114,7 +114,7 @@ def seal_figures(workspace: vendor.Vendor) -> list[Figure]:
             "seal": seal,
             "release": release,
         },
-        rounds=6,
+        rounds=7,
         burst_s=0.3,
     )
     aes_rate, sha_rate, sign_rate = rates["aes"], rates["sha"], rates["sign"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -50,18 +51,19 @@ def rate(fn: Callable[[], object], *, min_time_s: float = 0.3, repeats: int = 5)
 
 
 def rates_interleaved(
-    fns: Mapping[str, Callable[[], object]], *, rounds: int = 12, burst_s: float = 0.08
+    fns: Mapping[str, Callable[[], object]], *, rounds: int = 15, burst_s: float = 0.08
 ) -> dict[str, float]:
-    """Operations per second of each of ``fns``: the best of ``rounds`` bursts each, the bursts
+    """Operations per second of each of ``fns``: the median of ``rounds`` bursts each, the bursts
     taken in turn (a, b, c, a, b, c, …).
 
     An operation and the primitives it is compared with are then timed over the same minutes, so
     a drift of the machine (another process, a VM's neighbour, the clock's boost) moves both and
-    leaves their ratio alone; timed one after the other, the ratio carries the drift.
+    leaves their ratio alone; timed one after the other, the ratio carries the drift. The median,
+    not the best burst: one lucky burst of either side would move the ratio.
     """
     for fn in fns.values():
         fn()
-    best = dict.fromkeys(fns, 0.0)
+    bursts: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             count, start = 0, time.perf_counter()
@@ -71,8 +73,8 @@ def rates_interleaved(
                 elapsed = time.perf_counter() - start
                 if elapsed >= burst_s:
                     break
-            best[name] = max(best[name], count / elapsed)
-    return best
+            bursts[name].append(count / elapsed)
+    return {name: statistics.median(rates) for name, rates in bursts.items()}
 
 
 def combined(*rates: float) -> float:
