@@ -124,10 +124,11 @@ class Children:
         """Start ``argv`` in its own session, stdout and stderr to ``logs/NAME.log``."""
         self.logs.mkdir(parents=True, exist_ok=True)
         log = (self.logs / f"{name}.log").open("a")  # a restarted device keeps its history
-        proc = subprocess.Popen(
-            list(argv), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.procs.append((name, proc, log))
+        with _signals_held():  # a Ctrl-C now would leave a child running that nobody stops
+            proc = subprocess.Popen(
+                list(argv), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            self.procs.append((name, proc, log))
         return proc
 
     def stop(self, name: str) -> None:
@@ -153,6 +154,32 @@ class Children:
                 tail = (self.logs / f"{name}.log").read_text(errors="replace").strip()
                 last = tail.splitlines()[-1] if tail else "no output"
                 raise DemoError(f"{name} exited {proc.returncode}: {last}")
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM for the block, then act on the first one that came.
+
+    The handlers only record (a child's exec resets them to the default, unlike SIG_IGN), so a
+    child is started and put on the ``Children`` list before an interruption unwinds the demo.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {
+        sig: signal.signal(sig, lambda signum, _frame: caught.append(signum)) for sig in held
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if caught:
+        handler = previous[signal.Signals(caught[0])]
+        if callable(handler):
+            handler(caught[0], None)
 
 
 def _terminate(proc: subprocess.Popen[bytes]) -> None:

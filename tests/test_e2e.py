@@ -345,6 +345,22 @@ def test_demo_driver_interrupted_exits_130(tmp_path: Path, broker: Broker) -> No
     assert "interrupted" in out and "Traceback" not in out
     gateway_log = (tmp_path / "demo" / "logs" / "gateway.log").read_text()
     assert "stopped;" in gateway_log
+    assert _processes_mentioning(str(tmp_path / "demo")) == [], "a child outlived the demo"
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """The pids whose command line contains ``text`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue  # gone, or not ours to read
+        if text.encode() in cmdline:
+            found.append(int(entry.name))
+    return found
 
 
 def test_embedded_broker_serves_mqtt_311(tmp_path: Path) -> None:
