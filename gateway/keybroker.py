@@ -184,9 +184,16 @@ class KeyBroker:
             raise TypeError("KeyBroker.release takes a ReleasableVerdict")
         release = self._recheck(verdict)
         digest = bytes.fromhex(release.release_id)
-        cek = self._cek(release, digest)
+        key_release, lease = self._key_and_lease(release, digest, policy, now_s)
+        receipt = self._receipt(verdict, release, digest, now_s)
+        return BrokeredRelease(key_release=key_release, lease=lease, receipt=receipt)
+
+    def _key_and_lease(
+        self, release: ReleaseRecord, digest: bytes, policy: Policy, now_s: int
+    ) -> tuple[KeyRelease, Lease]:
+        """The unwrapped key of ``release`` and the offline lease the policy grants with it."""
         key_release = KeyRelease(
-            cek=cek,
+            cek=self._cek(release, digest),
             manifest_digest=digest,
             release_id=release.release_id,
             image_size=release.size_bytes,
@@ -194,8 +201,7 @@ class KeyBroker:
         lease = Lease(
             offline_boots=policy.lease.offline_boots, expires_s=now_s + policy.lease.duration_s
         )
-        receipt = self._receipt(verdict, release, digest, now_s)
-        return BrokeredRelease(key_release=key_release, lease=lease, receipt=receipt)
+        return key_release, lease
 
     def release_in(
         self, conn: Connection, verdict: ReleasableVerdict, *, policy: Policy, now_s: int
@@ -214,16 +220,7 @@ class KeyBroker:
             raise TypeError("KeyBroker.release_in takes a ReleasableVerdict")
         release = self._recheck_in(conn, verdict)
         digest = bytes.fromhex(release.release_id)
-        cek = self._cek(release, digest)
-        key_release = KeyRelease(
-            cek=cek,
-            manifest_digest=digest,
-            release_id=release.release_id,
-            image_size=release.size_bytes,
-        )
-        lease = Lease(
-            offline_boots=policy.lease.offline_boots, expires_s=now_s + policy.lease.duration_s
-        )
+        key_release, lease = self._key_and_lease(release, digest, policy, now_s)
         signed = self._sign_receipt(verdict, digest, now_s)
         self._registry.record_receipt_in(
             conn,
