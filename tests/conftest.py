@@ -23,6 +23,7 @@ from gateway.db import open_engine
 
 if TYPE_CHECKING:
     from device.attacks.playbook import Bench
+    from device.attacks.report import AttackReport
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI") == "true"
@@ -103,6 +104,12 @@ def attack_bench(broker: Broker) -> Iterator[Bench]:
             yield made
         finally:
             made.stop()
+
+
+@pytest.fixture(scope="module")
+def attack_reports() -> dict[str, AttackReport]:
+    """Each attack's report, run once per test module (``tests.attack_reports.report_of``)."""
+    return {}
 
 
 @pytest.fixture

@@ -19,18 +19,14 @@ from tests.attack_reports import assert_defended
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
 
-@pytest.fixture
-def bench(attack_bench: Bench) -> Bench:
-    """The session's attack bench (tests/conftest.py)."""
-    return attack_bench
-
-
-def test_genuine_board_runs_and_leaks_nothing(bench: Bench) -> None:
+def test_genuine_board_runs_and_leaks_nothing(attack_bench: Bench) -> None:
     """Control: the untouched board attests, gets its key and runs; the scan stays clean."""
-    bench.installed(bench.devices[0])  # as it was once it confirmed its image, whatever ran before
-    ran = bench.boot(bench.devices[0])
+    attack_bench.installed(
+        attack_bench.devices[0]
+    )  # as it was once it confirmed its image, whatever ran before
+    ran = attack_bench.boot(attack_bench.devices[0])
     assert ran.state == "running" and ran.released, ran.log[-800:]
-    scan = bench.scanner().scan_paths(bench.haystacks(bench.devices[0]))
+    scan = attack_bench.scanner().scan_paths(attack_bench.haystacks(attack_bench.devices[0]))
     assert scan.clean and scan.scanned_bytes > 0
 
 
@@ -55,17 +51,19 @@ CASES: Final[list[tuple[str, tuple[Where, ...]]]] = [
 
 @pytest.mark.parametrize(("name", "where"), CASES)
 def test_attack_is_defended_where_expected(
-    bench: Bench, name: str, where: tuple[Where, ...]
+    attack_bench: Bench, name: str, where: tuple[Where, ...]
 ) -> None:
     """The attack is stopped at its expected point and the leak scan finds nothing."""
-    report = run_attack(bench, name)
+    report = run_attack(attack_bench, name)
     assert report.name == name and report.expected_at == ATTACKS_BY_NAME[name].expected_at
     assert_defended(report, *where)
 
 
-def test_negative_control_weakened_policy_lets_the_exfiltration_through(bench: Bench) -> None:
+def test_negative_control_weakened_policy_lets_the_exfiltration_through(
+    attack_bench: Bench,
+) -> None:
     """With skip_measurement_checks the exfiltrating runtime gets the key; the scanner sees it."""
-    report = exfil_attempt(bench, weakened=True)
+    report = exfil_attempt(attack_bench, weakened=True)
     assert report.error is None, report.error
     assert report.evidence["released"] is True
     assert report.outcome is Outcome.BREACHED
@@ -74,13 +72,13 @@ def test_negative_control_weakened_policy_lets_the_exfiltration_through(bench: B
     assert "exfil-capture.bin" in leaked_into, report.leaks  # it sent them out over MQTT too
     assert any("secret_filter" in str(leak["secret"]) for leak in report.leaks)
     assert any(str(leak["secret"]).startswith("canary:") for leak in report.leaks)
-    restored = run_attack(bench, "exfil-runtime")  # the policy is back: refused again
+    restored = run_attack(attack_bench, "exfil-runtime")  # the policy is back: refused again
     assert restored.outcome is Outcome.DEFENDED and not restored.leaks
 
 
-def test_power_cut_covers_100_cut_points(bench: Bench) -> None:
+def test_power_cut_covers_100_cut_points(attack_bench: Bench) -> None:
     """The power-cut attack really cuts at 100 distinct points."""
-    report = run_attack(bench, "power-cut")
+    report = run_attack(attack_bench, "power-cut")
     assert report.evidence["cuts"] == 100 and report.evidence["failures"] == []
 
 
@@ -93,13 +91,13 @@ def test_every_playbook_attack_is_tested() -> None:
     assert {a.name for a in ATTACKS} == tested
 
 
-def test_reports_are_json_ready(bench: Bench) -> None:
+def test_reports_are_json_ready(attack_bench: Bench) -> None:
     """A report serialises to JSON with its outcome and detection points."""
-    report = run_attack(bench, "flash-dump")
+    report = run_attack(attack_bench, "flash-dump")
     data = json.loads(json.dumps(report.to_json()))
     assert data["outcome"] == "defended" and data["detected_at"] == ["prevented"]
     with pytest.raises(UsageError):
-        run_attack(bench, "no-such-attack")
+        run_attack(attack_bench, "no-such-attack")
 
 
 def test_attack_cli_lists_and_runs_one_attack(tmp_path: Path) -> None:
@@ -115,7 +113,7 @@ def test_attack_cli_lists_and_runs_one_attack(tmp_path: Path) -> None:
     listed = runner.invoke(attack, ["list", "--json"])
     assert listed.exit_code == 0
     assert {a["name"] for a in json.loads(listed.output)["attacks"]} == set(ATTACKS_BY_NAME)
-    home = tmp_path / "bench"
+    home = tmp_path / "attack_bench"
     with running_mosquitto() as private:
         argv = ["flash-dump", "--home", str(home), "--broker", private.url]
         ran = runner.invoke(attack, [*argv, "--json"])
@@ -135,7 +133,7 @@ def test_attack_all_reports_every_attack_defended_where_expected(tmp_path: Path)
 
     with running_mosquitto() as private:
         argv = [sys.executable, "-m", "device", "attack", "all", "--json"]
-        argv += ["--home", str(tmp_path / "bench"), "--broker", private.url]
+        argv += ["--home", str(tmp_path / "attack_bench"), "--broker", private.url]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     reports = json.loads(proc.stdout)

@@ -17,18 +17,6 @@ from tests.attack_reports import assert_defended, report_of
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
 
-@pytest.fixture
-def bench(attack_bench: Bench) -> Bench:
-    """The session's attack bench (tests/conftest.py)."""
-    return attack_bench
-
-
-@pytest.fixture(scope="module")
-def reports() -> dict[str, AttackReport]:
-    """Each attack's report, run once for this module (they take seconds each)."""
-    return {}
-
-
 #: (attack, where it must be detected): the parametrized cases of this module.
 CASES: Final[list[tuple[str, tuple[Where, ...]]]] = [
     ("rollback", (Where.DEVICE, Where.GATEWAY, Where.LEDGER)),
@@ -39,21 +27,24 @@ CASES: Final[list[tuple[str, tuple[Where, ...]]]] = [
 
 @pytest.mark.parametrize(("name", "where"), CASES)
 def test_attack_is_defended_where_expected(
-    bench: Bench, reports: dict[str, AttackReport], name: str, where: tuple[Where, ...]
+    attack_bench: Bench,
+    attack_reports: dict[str, AttackReport],
+    name: str,
+    where: tuple[Where, ...],
 ) -> None:
     """The attack is stopped at its expected point and the leak scan finds nothing."""
-    report = report_of(bench, reports, name)
+    report = report_of(attack_bench, attack_reports, name)
     assert report.name == name and report.expected_at == ATTACKS_BY_NAME[name].expected_at
     assert_defended(report, *where)
 
 
 def test_rollback_is_refused_below_the_fuse_counter_and_as_counter_rollback(
-    bench: Bench, reports: dict[str, AttackReport]
+    attack_bench: Bench, attack_reports: dict[str, AttackReport]
 ) -> None:
     """The reflashed 1.0.0 image and its sealed key, which booted offline at counter 1, are
     refused at counter 2; online the board is put back on 2.0.0; with the fuses glitched back
     the gateway refuses exactly counter.rollback and releases nothing."""
-    report = report_of(bench, reports, "rollback")
+    report = report_of(attack_bench, attack_reports, "rollback")
     evidence = report.evidence
     assert evidence["offline_before_update"] == "ok", report.to_json()
     assert evidence["offline_after_update"] == "image_refused", report.to_json()
@@ -62,22 +53,22 @@ def test_rollback_is_refused_below_the_fuse_counter_and_as_counter_rollback(
     assert report.reasons == (ReasonCode.COUNTER_ROLLBACK.value,)
     assert evidence["released"] is False
     device = str(evidence["device"])
-    timeline = run_json(*bench.gw, "device", device, "--json")
+    timeline = run_json(*attack_bench.gw, "device", device, "--json")
     assert isinstance(timeline, dict)
     last = [t for t in timeline["timeline"] if t["event"] == "verdict"][-1]
     assert (last["status"], last["reasons"]) == ("contraindicated", ["counter.rollback"])
     assert NEWER_VERSION in report.what_happened
     # The attack spent a board of its own: the bench's shared boards still run.
-    bench.installed(bench.devices[0])
-    assert bench.boot(bench.devices[0]).state == "running"
+    attack_bench.installed(attack_bench.devices[0])
+    assert attack_bench.boot(attack_bench.devices[0]).state == "running"
 
 
 def test_clock_rollback_gets_exactly_the_leases_boots(
-    bench: Bench, reports: dict[str, AttackReport]
+    attack_bench: Bench, attack_reports: dict[str, AttackReport]
 ) -> None:
     """Whatever the board's clock says, the lease's N offline boots run and no more; a rolled
     back NV store does not give boots back (they are counted in a fuse)."""
-    report = report_of(bench, reports, "clock-rollback")
+    report = report_of(attack_bench, attack_reports, "clock-rollback")
     boots = report.evidence["lease_boots"]
     assert isinstance(boots, int) and boots >= 1
     outcomes = report.evidence["offline"]
@@ -91,11 +82,11 @@ def test_clock_rollback_gets_exactly_the_leases_boots(
 
 
 def test_forged_and_edited_tokens_are_refused_as_bad_signatures(
-    bench: Bench, reports: dict[str, AttackReport]
+    attack_bench: Bench, attack_reports: dict[str, AttackReport]
 ) -> None:
     """A token under the NW's own key and two genuine tokens with edited claims are each refused
     exactly evidence.signature.invalid; no key is released."""
-    report = report_of(bench, reports, "nw-forged-evidence")
+    report = report_of(attack_bench, attack_reports, "nw-forged-evidence")
     invalid = [ReasonCode.EVIDENCE_SIGNATURE_INVALID.value]
     assert report.evidence["refusals"] == {
         "own-key": invalid,

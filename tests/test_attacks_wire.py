@@ -15,18 +15,6 @@ from tests.attack_reports import assert_defended, report_of
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
 
-@pytest.fixture
-def bench(attack_bench: Bench) -> Bench:
-    """The session's attack bench (tests/conftest.py)."""
-    return attack_bench
-
-
-@pytest.fixture(scope="module")
-def reports() -> dict[str, AttackReport]:
-    """Each attack's report, run once for this module (they take seconds each)."""
-    return {}
-
-
 #: (attack, where it must be detected): the parametrized cases of this module.
 CASES: Final[list[tuple[str, tuple[Where, ...]]]] = [
     ("stale-challenge", (Where.GATEWAY, Where.LEDGER)),
@@ -37,31 +25,34 @@ CASES: Final[list[tuple[str, tuple[Where, ...]]]] = [
 
 @pytest.mark.parametrize(("name", "where"), CASES)
 def test_attack_is_defended_where_expected(
-    bench: Bench, reports: dict[str, AttackReport], name: str, where: tuple[Where, ...]
+    attack_bench: Bench,
+    attack_reports: dict[str, AttackReport],
+    name: str,
+    where: tuple[Where, ...],
 ) -> None:
     """The attack is stopped at its expected point and the leak scan finds nothing."""
-    report = report_of(bench, reports, name)
+    report = report_of(attack_bench, attack_reports, name)
     assert report.name == name and report.expected_at == ATTACKS_BY_NAME[name].expected_at
     assert_defended(report, *where)
 
 
 def test_stale_challenge_is_refused_as_expired_and_the_lifetime_is_restored(
-    bench: Bench, reports: dict[str, AttackReport]
+    attack_bench: Bench, attack_reports: dict[str, AttackReport]
 ) -> None:
     """The refusal is exactly challenge.expired, no key; the bench's policy is as it was."""
-    report = report_of(bench, reports, "stale-challenge")
+    report = report_of(attack_bench, attack_reports, "stale-challenge")
     assert report.evidence["refusal"] == [ReasonCode.CHALLENGE_EXPIRED.value], report.to_json()
     assert report.reasons == (ReasonCode.CHALLENGE_EXPIRED.value,)
     assert report.evidence["released"] is False
-    policy = run_json(*bench.gw, "policy", "show")
+    policy = run_json(*attack_bench.gw, "policy", "show")
     assert isinstance(policy, dict) and policy["challenge_ttl_s"] == 30
 
 
 def test_grant_mitm_breaks_the_binding_and_the_captured_grant_stays_shut(
-    bench: Bench, reports: dict[str, AttackReport]
+    attack_bench: Bench, attack_reports: dict[str, AttackReport]
 ) -> None:
     """The substituted key is refused as a binding mismatch; a sniffed grant does not open."""
-    report = report_of(bench, reports, "grant-mitm")
+    report = report_of(attack_bench, attack_reports, "grant-mitm")
     assert report.evidence["refusal"] == [ReasonCode.EVIDENCE_BINDING_MISMATCH.value]
     assert report.evidence["released"] is False
     assert report.evidence["genuine_board"] == "running"  # a real grant was on the wire
@@ -69,10 +60,10 @@ def test_grant_mitm_breaks_the_binding_and_the_captured_grant_stays_shut(
 
 
 def test_forged_replayed_and_rolled_back_commands_are_refused_by_the_enclave(
-    bench: Bench, reports: dict[str, AttackReport]
+    attack_bench: Bench, attack_reports: dict[str, AttackReport]
 ) -> None:
     """The NW logs each refusal; the enclave names the signature, then the replayed sequence."""
-    report = report_of(bench, reports, "forged-command")
+    report = report_of(attack_bench, attack_reports, "forged-command")
     assert report.error is None, report.error
     nw = report.evidence["nw"]
     assert nw == {
