@@ -115,6 +115,23 @@ def write_transaction(engine: Engine, *, lock_key: int | None = None) -> Iterato
             yield conn
 
 
+def take_write_lock(conn: Connection, lock_key: int) -> None:
+    """Serialize the rest of ``conn``'s write transaction under ``lock_key``.
+
+    On PostgreSQL: ``pg_advisory_xact_lock(lock_key)`` now, so what the transaction read before
+    was read without it (READ COMMITTED) and must be checked again under it where it matters.
+    On SQLite nothing: ``write_transaction`` began with ``BEGIN IMMEDIATE``, so the transaction
+    has held the database's one writer lock, and seen no other writer's commit, from its start.
+
+    Raises:
+        TransportError: the database failed underneath (unreachable, lock timeout).
+    """
+    if conn.dialect.name == "sqlite":
+        return
+    with _translated():
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(lock_key)))
+
+
 @contextmanager
 def read_transaction(engine: Engine) -> Iterator[Connection]:
     """One read transaction (a consistent snapshot on SQLite; read committed on PostgreSQL).

@@ -18,15 +18,17 @@ The hooks keep no state of their own beyond pure caches (the key broker's unwrap
 appraisal's verified certificates): two gateway processes may use two instances on one database
 at once. The registry makes each step atomic; ledger appends are serialized by the ledger.
 
-The hot path (registry and ledger on one engine, as in the gateway): ``appraise`` reads what it
-judges — the device, anchors, reference values, epoch, assignment and the newest stored policy —
-in ONE read transaction (``Registry.appraisal_snapshot``), then writes everything in ONE write
-transaction under the ledger lock: first the challenge marked used (a replay fails there, before
-any key is touched, and rolls everything back), then the key broker's run-time recheck, the
-receipt, the verdict, both ledger entries (release, then verdict; one head read) and the
-counters — so a used challenge, its verdict, its receipt and their ledger entries are kept
-together or not at all. With the registry and the ledger on two engines the challenge is marked
-used in its own transaction first, then each step is its own transaction.
+The hot path (registry and ledger on one engine, as in the gateway) is ONE write transaction.
+It reads what the appraisal judges — the device, anchors, reference values, epoch, assignment and
+the newest stored policy (``Registry.appraisal_snapshot_in``) — appraises, takes the ledger lock
+(``db.take_write_lock``; on SQLite the writer lock is held from the start), then writes: first
+the challenge marked used (a replay fails there, before any key is touched, and rolls
+everything back), then the key broker's run-time recheck (on PostgreSQL it reads the release and
+the epoch again under the lock), the receipt, the verdict, both ledger entries (release, then
+verdict; one head read) and the counters — so a used challenge, its verdict, its receipt and
+their ledger entries are kept together or not at all. With the registry and the ledger on two
+engines the challenge is marked used in its own transaction first, then each step is its own
+transaction.
 """
 
 from __future__ import annotations
@@ -181,15 +183,22 @@ class RegistryHooks:
     # --- the hot path: one read snapshot, one write transaction
 
     def _appraise_in_one_transaction(self, request: AppraisalRequest) -> Appraisal:
-        snapshot = self._registry.appraisal_snapshot(request.device_id)
-        policy = self._policy_with(snapshot)
-        if snapshot is None:
-            outcome = unknown_device(request, policy)
-        else:
-            outcome = self._appraise_snapshot(request, policy, snapshot)
         now_s = request.now_s
         challenge = request.challenge
-        with db.write_transaction(self._registry.engine, lock_key=LEDGER_LOCK_KEY) as conn:
+        engine = self._registry.engine
+        with db.write_transaction(engine) as conn:
+            snapshot = self._registry.appraisal_snapshot_in(conn, request.device_id)
+            policy = self._policy_with(snapshot)
+            if snapshot is None:
+                outcome = unknown_device(request, policy)
+            else:
+                outcome = self._appraise_snapshot(request, policy, snapshot)
+            # SQLite: the writer lock is held since BEGIN IMMEDIATE, so the snapshot is what the
+            # database holds until this commits. PostgreSQL: the ledger lock is taken only now
+            # (other gateways append meanwhile), so the broker reads the release rule's inputs
+            # again under it.
+            db.take_write_lock(conn, LEDGER_LOCK_KEY)
+            recheck = not db.is_sqlite(engine)
             self._registry.consume_challenge_in(
                 conn,
                 challenge.nonce,
@@ -197,7 +206,7 @@ class RegistryHooks:
                 expires_s=challenge.expires_s,
                 now_s=self._clock(),
             )
-            outcome, brokered, events = self._release_in(conn, outcome, policy, now_s)
+            outcome, brokered, events = self._release_in(conn, outcome, policy, now_s, recheck)
             record = VerdictRecord(
                 device_id=outcome.device_id,
                 session_id=outcome.session_id,
@@ -261,13 +270,20 @@ class RegistryHooks:
         )
 
     def _release_in(
-        self, conn: Connection, outcome: AppraisalOutcome, policy: Policy, now_s: int
+        self,
+        conn: Connection,
+        outcome: AppraisalOutcome,
+        policy: Policy,
+        now_s: int,
+        recheck: bool,
     ) -> tuple[AppraisalOutcome, BrokeredRelease | None, list[LedgerEvent]]:
         verdict = releasable_verdict(outcome)
         if verdict is None:
             return outcome, None, []
         try:
-            brokered, event = self._broker.release_in(conn, verdict, policy=policy, now_s=now_s)
+            brokered, event = self._broker.release_in(
+                conn, verdict, policy=policy, now_s=now_s, reread=recheck
+            )
         except KeyReleaseRefused as err:
             return failure(outcome, err.code, got=str(err)), None, []
         except InvalidImage:

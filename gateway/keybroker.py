@@ -204,12 +204,22 @@ class KeyBroker:
         return key_release, lease
 
     def release_in(
-        self, conn: Connection, verdict: ReleasableVerdict, *, policy: Policy, now_s: int
+        self,
+        conn: Connection,
+        verdict: ReleasableVerdict,
+        *,
+        policy: Policy,
+        now_s: int,
+        reread: bool = True,
     ) -> tuple[BrokeredRelease, LedgerEvent]:
         """``release`` inside the caller's write transaction ``conn``: the rule is rechecked
         against the registry as ``conn`` sees it, the receipt is inserted through ``conn``, and
         the release's ledger event is returned for the caller to append in the same transaction
         (``Ledger.append_in``). Nothing is kept unless the caller commits.
+
+        With ``reread`` False the rule is checked again against the release and the epoch the
+        verdict carries, without reading them again: for a caller whose transaction read them
+        under the lock that serializes every change to them (SQLite's writer lock).
 
         Raises:
             TypeError: ``verdict`` is not a ``ReleasableVerdict``.
@@ -218,7 +228,10 @@ class KeyBroker:
         """
         if not isinstance(verdict, ReleasableVerdict):
             raise TypeError("KeyBroker.release_in takes a ReleasableVerdict")
-        release = self._recheck_in(conn, verdict)
+        if reread:
+            release = self._recheck_in(conn, verdict)
+        else:
+            release = _recheck_rule(verdict, verdict.release, lambda: verdict.epoch)
         digest = bytes.fromhex(release.release_id)
         key_release, lease = self._key_and_lease(release, digest, policy, now_s)
         signed = self._sign_receipt(verdict, digest, now_s)

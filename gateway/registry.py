@@ -967,28 +967,32 @@ class Registry:
         the manufacturer CAs, the product's reference values and epoch, the assignment, the
         assigned release and the newest stored policy. None when the device is not enrolled."""
         with db.read_transaction(self._engine) as conn:
-            mapping = _SELECT_DEVICE_SNAPSHOT.first(conn, {"device_id": device})
-            if mapping is None:
-                return None
-            record = _device(mapping)
-            epoch = 0 if mapping["s_epoch"] is None else int(mapping["s_epoch"])
-            assigned = mapping["s_assigned"]
-            release = None
-            if mapping["s_release_id"] is not None:
-                release = _release(
-                    {column.name: mapping[f"s_{column.name}"] for column in _RELEASE_COLUMNS}
-                )
-            anchors = tuple(
-                _trust_anchor(found)
-                for found in _SELECT_ANCHORS_OF_KIND.rows(
-                    conn, {"kind": TrustAnchorKind.MANUFACTURER_CA.value}
-                )
+            return self.appraisal_snapshot_in(conn, device)
+
+    def appraisal_snapshot_in(self, conn: Connection, device: DeviceId) -> AppraisalSnapshot | None:
+        """``appraisal_snapshot`` inside the caller's transaction ``conn``."""
+        mapping = _SELECT_DEVICE_SNAPSHOT.first(conn, {"device_id": device})
+        if mapping is None:
+            return None
+        record = _device(mapping)
+        epoch = 0 if mapping["s_epoch"] is None else int(mapping["s_epoch"])
+        assigned = mapping["s_assigned"]
+        release = None
+        if mapping["s_release_id"] is not None:
+            release = _release(
+                {column.name: mapping[f"s_{column.name}"] for column in _RELEASE_COLUMNS}
             )
-            references = tuple(
-                _reference_value(found)
-                for found in _SELECT_REFERENCES.rows(conn, {"product": record.product})
+        anchors = tuple(
+            _trust_anchor(found)
+            for found in _SELECT_ANCHORS_OF_KIND.rows(
+                conn, {"kind": TrustAnchorKind.MANUFACTURER_CA.value}
             )
-            policy = _policy(_SELECT_LATEST_POLICY.first(conn))
+        )
+        references = tuple(
+            _reference_value(found)
+            for found in _SELECT_REFERENCES.rows(conn, {"product": record.product})
+        )
+        policy = _policy(_SELECT_LATEST_POLICY.first(conn))
         return AppraisalSnapshot(
             device=record,
             anchors=anchors,

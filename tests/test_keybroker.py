@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import random
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy.engine import Connection, Engine
 
 from gateway.appraisal import AppraisalOutcome, Finding, conclude
+from gateway.db import open_engine
 from gateway.explain import explain
 from gateway.hooks import RegistryHooks
 from gateway.keybroker import (
@@ -150,34 +153,75 @@ def test_broker_rechecks_the_epoch_at_run_time(gateway: Gateway) -> None:
 
 
 class RacingRegistry(Registry):
-    """A registry whose epoch is raised between the appraisal's read and the broker's."""
+    """A registry whose epoch another process raises while an appraisal is under way: right
+    after the appraisal read its snapshot, inside the appraisal's write transaction."""
 
-    reads = 0
+    raiser: threading.Thread | None = None
 
-    def epoch(self, product: Product) -> int:
-        """The stored epoch, one higher from the second read on."""
-        self.reads += 1
-        return super().epoch(product) + (1 if self.reads > 1 else 0)
+    def __init__(self, engine: Engine) -> None:
+        """A registry on ``engine``, and another connection pool to the same database (the other
+        process); ``close`` disposes of it."""
+        super().__init__(engine)
+        self.other = Registry(open_engine(str(engine.url.render_as_string(hide_password=False))))
 
-    def appraisal_snapshot(self, device: DeviceId) -> AppraisalSnapshot | None:
-        """The snapshot, then another process raises the epoch (committed) before the broker's
-        recheck in the write transaction."""
-        snapshot = super().appraisal_snapshot(device)
+    def close(self) -> None:
+        """Dispose of the other process's engine."""
+        self.other.engine.dispose()
+
+    def appraisal_snapshot_in(self, conn: Connection, device: DeviceId) -> AppraisalSnapshot | None:
+        """The snapshot; meanwhile another connection raises the epoch (and commits)."""
+        snapshot = super().appraisal_snapshot_in(conn, device)
         assert snapshot is not None
-        self.set_epoch(snapshot.device.product, snapshot.epoch + 1, now_s=0)
+        self.raiser = threading.Thread(
+            target=self.other.set_epoch,
+            args=(snapshot.device.product, snapshot.epoch + 1),
+            kwargs={"now_s": 0},
+        )
+        self.raiser.start()
+        self.raiser.join(RAISE_WAIT_S)
         return snapshot
 
 
+#: How long the racing epoch raise is given before the appraisal goes on without it.
+RAISE_WAIT_S = 1.0
+
+
 def test_epoch_raised_during_the_appraisal_refuses_the_key(
+    tmp_path: Path, clock: FakeClock, rng: random.Random, pg_url: str
+) -> None:
+    """PostgreSQL: another gateway raises the epoch after the appraisal read it; the broker reads
+    it again under the ledger lock and refuses as image.below_epoch."""
+    gw = build_gateway(pg_url, tmp_path / "gateway.key", clock)
+    racing = RacingRegistry(gw.registry.engine)
+    hooks = RegistryHooks(racing, gw.ledger, gw.kms, lambda: gw.policy, lambda: gw.clock.now_s)
+    try:
+        exchange = attest(gw, rng, hooks=hooks)
+        assert racing.raiser is not None and not racing.raiser.is_alive()
+        assert_refused(gw, exchange, ReasonCode.IMAGE_BELOW_EPOCH)
+    finally:
+        racing.close()
+        gw.registry.engine.dispose()
+
+
+def test_epoch_raised_during_the_appraisal_waits_for_it_on_sqlite(
     gateway: Gateway, rng: random.Random
 ) -> None:
-    """A release the epoch overtakes mid-appraisal is refused as image.below_epoch."""
+    """SQLite: the appraisal holds the writer lock from its first read, so an epoch raise waits
+    until the release is committed under the epoch the appraisal saw, then takes effect."""
     racing = RacingRegistry(gateway.registry.engine)
     hooks = RegistryHooks(
         racing, gateway.ledger, gateway.kms, lambda: gateway.policy, lambda: gateway.clock.now_s
     )
-    exchange = attest(gateway, rng, hooks=hooks)
-    assert_refused(gateway, exchange, ReasonCode.IMAGE_BELOW_EPOCH)
+    try:
+        exchange = attest(gateway, rng, hooks=hooks)
+        assert racing.raiser is not None
+        assert racing.raiser.is_alive()  # still waiting for the writer lock when it returned
+        racing.raiser.join(30)
+    finally:
+        racing.close()
+    assert isinstance(exchange.event, Accepted)
+    assert gateway.registry.epoch(PRODUCT) == EPOCH + 1
+    assert len(gateway.registry.receipts(DEVICE)) == 1
 
 
 def test_wrapped_cek_of_another_gateway_is_an_internal_error(
