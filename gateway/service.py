@@ -298,8 +298,8 @@ class GatewayService:
         refusal = messages.Refusal(session_id=session, reasons=(ReasonCode.RATE_LIMITED,))
         self._publish(topics.attest_down(device, prefix=self._settings.prefix), refusal.encode())
 
-    def _publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        self._publisher.publish(topic, payload, qos=1, retain=retain)
+    def _publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
+        self._publisher.publish(topic, payload, qos=qos, retain=retain)
 
     # --- attestation
 
@@ -372,7 +372,9 @@ class GatewayService:
             detail=f"{status.value}",
             at_s=now_s,
         )
-        self._publish(topics.events(prefix=self._settings.prefix), announcement.encode())
+        # QoS 0: the event stream is a live feed (at most once); the retained fleet state, the
+        # registry and the ledger are the record (docs/protocol.md §1).
+        self._publish(topics.events(prefix=self._settings.prefix), announcement.encode(), qos=0)
         entry = self._fleet.setdefault(device, _FleetEntry())
         entry.verdict, entry.reasons = status, reasons
         self._publish_state(device, now_s)
