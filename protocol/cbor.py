@@ -38,13 +38,14 @@ def head(major: int, length: int) -> bytes:
     top = major << 5
     if length < 24:
         return bytes((top | length,))
+    # The initial byte and the argument as one integer: one allocation, not three.
     if length < 0x100:
-        return bytes((top | 24, length))
+        return ((top | 24) << 8 | length).to_bytes(2, "big")
     if length < 0x1_0000:
-        return bytes((top | 25,)) + length.to_bytes(2, "big")
+        return ((top | 25) << 16 | length).to_bytes(3, "big")
     if length < 0x1_0000_0000:
-        return bytes((top | 26,)) + length.to_bytes(4, "big")
-    return bytes((top | 27,)) + length.to_bytes(8, "big")
+        return ((top | 26) << 32 | length).to_bytes(5, "big")
+    return ((top | 27) << 64 | length).to_bytes(9, "big")
 
 
 def bstr_head(length: int) -> bytes:
@@ -77,12 +78,20 @@ def loads(data: bytes, *, what: str, max_bytes: int = DEFAULT_MAX_BYTES) -> obje
         raise MalformedMessage(f"{what}: expected bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
         raise MalformedMessage(f"{what}: {len(data)} bytes exceeds the limit of {max_bytes}")
+    # Decoded from a stream, not with cbor2.loads: loads ignores whatever follows the first item,
+    # while a stream is left just after it (the decoder seeks back over what it read ahead), so
+    # tell() is where the item ends. cbor2.load, not a CBORDecoder: the same decoder without a
+    # Python object around it. read_size=len(data): the first read takes the whole buffer
+    # (BytesIO hands back the bytes object itself, uncopied), so nothing is read twice.
     stream = io.BytesIO(data)
-    decoder = cbor2.CBORDecoder(
-        stream, allow_indefinite=False, allow_duplicate_keys=False, max_depth=_MAX_DEPTH
-    )
     try:
-        obj: object = decoder.decode()
+        obj: object = cbor2.load(
+            stream,
+            read_size=len(data),
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+            max_depth=_MAX_DEPTH,
+        )
     except (cbor2.CBORError, ValueError, TypeError, OverflowError, RecursionError) as err:
         raise MalformedMessage(f"{what}: not well-formed CBOR ({type(err).__name__})") from err
     if stream.tell() != len(data):

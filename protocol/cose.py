@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import IntEnum
 from typing import Final
 
 from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.hazmat.primitives.asymmetric.utils import (
-    decode_dss_signature,
-    encode_dss_signature,
-)
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from protocol import cbor
 from protocol.errors import InvalidSignature, MalformedMessage
@@ -44,6 +41,12 @@ class Algorithm(IntEnum):
     EDDSA = -8
     HMAC_256_256 = 5
 
+
+#: The members the hot path compares with, as module constants: on Python 3.11 reading a member
+#: off its enum class costs about 70 ns, a module global a few.
+_ALG_ES256: Final = Algorithm.ES256
+_ALG_EDDSA: Final = Algorithm.EDDSA
+_ALG_HMAC: Final = Algorithm.HMAC_256_256
 
 _PROTECTED_ES256: Final = cbor.dumps({HEADER_ALG: int(Algorithm.ES256)})
 #: The protected headers we write, recognised without decoding them again (the hot path).
@@ -84,6 +87,9 @@ class CoseMessage:
     payload: bytes
     signature: bytes
 
+
+_new: Final = object.__new__
+_MESSAGE_SLOTS: Final = tuple(getattr(CoseMessage, f.name).__set__ for f in fields(CoseMessage))
 
 #: Signs the exact bytes given with ES256 and returns the raw 64-byte r‖s (for HSM-held keys).
 Es256Signer = Callable[[bytes], bytes]
@@ -137,7 +143,7 @@ def sign1_parse_unverified(message: bytes) -> CoseMessage:
         MalformedMessage: not a well-formed COSE_Sign1 with a known signature algorithm.
     """
     parsed = _parse(message, TAG_SIGN1, "COSE_Sign1")
-    if parsed.alg is Algorithm.HMAC_256_256:
+    if parsed.alg is _ALG_HMAC:
         raise MalformedMessage("COSE_Sign1: algorithm 5 (HMAC 256/256) is a MAC, not a signature")
     return parsed
 
@@ -162,7 +168,7 @@ def verify_parsed(parsed: CoseMessage, key: PublicKey, *, external_aad: bytes = 
     """
     to_be_signed = _sig_structure(parsed.protected_bytes, external_aad, parsed.payload)
     try:
-        if parsed.alg is Algorithm.EDDSA:
+        if parsed.alg is _ALG_EDDSA:
             if not isinstance(key, ed25519.Ed25519PublicKey):
                 raise InvalidSignature("COSE_Sign1: EdDSA needs an Ed25519 key")
             key.verify(parsed.signature, to_be_signed)
@@ -172,13 +178,29 @@ def verify_parsed(parsed: CoseMessage, key: PublicKey, *, external_aad: bytes = 
             raise InvalidSignature("COSE_Sign1: the key does not fit the algorithm")
         if len(parsed.signature) != 2 * size:
             raise InvalidSignature("COSE_Sign1: signature size does not fit the algorithm")
-        der = encode_dss_signature(
-            int.from_bytes(parsed.signature[:size], "big"),
-            int.from_bytes(parsed.signature[size:], "big"),
-        )
-        key.verify(der, to_be_signed, algorithm)
+        key.verify(_der_signature(parsed.signature, size), to_be_signed, algorithm)
     except _CryptoInvalidSignature as err:
         raise InvalidSignature("COSE_Sign1: signature does not verify") from err
+
+
+def _der_signature(raw: bytes, size: int) -> bytes:
+    """The DER ``ECDSA-Sig-Value`` (RFC 3279 §2.2.3) of a raw r‖s of two ``size``-byte halves.
+
+    Byte-identical to ``encode_dss_signature`` of the two big-endian integers (a property test
+    holds it) without converting them: a DER INTEGER is the big-endian bytes without leading
+    zeros, with one 0x00 put back when the top bit is set (or the value is zero). ``size`` is at
+    most 66 (P-521): each INTEGER is then under 128 bytes and the SEQUENCE under 256.
+    """
+    r = raw[:size].lstrip(b"\x00")
+    s = raw[size:].lstrip(b"\x00")
+    if not r or r[0] & 0x80:
+        r = b"\x00" + r
+    if not s or s[0] & 0x80:
+        s = b"\x00" + s
+    body = len(r) + len(s) + 4
+    if body < 0x80:
+        return b"\x30%c\x02%c%s\x02%c%s" % (body, len(r), r, len(s), s)
+    return b"\x30\x81%c\x02%c%s\x02%c%s" % (body, len(r), r, len(s), s)
 
 
 def mac0_create(
@@ -229,7 +251,7 @@ def _sig_structure(protected: bytes, external_aad: bytes, payload: bytes) -> byt
     # Sig_structure (RFC 9052 §4.4) in deterministic CBOR, written directly: byte-identical to
     # cbor.dumps(["Signature1", protected, external_aad, payload]) (a property test holds it).
     if protected == _PROTECTED_ES256 and not external_aad:  # tokens, results: the hot path
-        return b"".join((_SIG1_ES256_NO_AAD, cbor.bstr_head(len(payload)), payload))
+        return b"".join((_SIG1_ES256_NO_AAD, cbor.head(2, len(payload)), payload))
     return b"".join(
         (
             _SIG1_CONTEXT,
@@ -267,13 +289,22 @@ def _parse_es256_layout(message: bytes) -> CoseMessage | None:
     elif head == 0x58 and at + 2 <= len(message):
         size, at = message[at + 1], at + 2
     elif head == 0x59 and at + 3 <= len(message):
-        size, at = int.from_bytes(message[at + 1 : at + 3], "big"), at + 3
+        size, at = message[at + 1] << 8 | message[at + 2], at + 3
     else:
         return None
     end = at + size
-    if len(message) != end + 66 or message[end : end + 2] != _ES256_SIGNATURE_HEAD:
+    if len(message) != end + 66 or not message.startswith(_ES256_SIGNATURE_HEAD, end):
         return None
-    return CoseMessage(_PROTECTED_ES256, Algorithm.ES256, None, message[at:end], message[end + 2 :])
+    # CoseMessage(_PROTECTED_ES256, Algorithm.ES256, None, payload, signature), written through
+    # its slots: a frozen dataclass's __init__ costs twice as much (as in protocol/psa.py).
+    parsed: CoseMessage = _new(CoseMessage)
+    set_protected, set_alg, set_kid, set_payload, set_signature = _MESSAGE_SLOTS
+    set_protected(parsed, _PROTECTED_ES256)
+    set_alg(parsed, _ALG_ES256)
+    set_kid(parsed, None)
+    set_payload(parsed, message[at:end])
+    set_signature(parsed, message[end + 2 :])
+    return parsed
 
 
 def _parse(message: bytes, tag: int, what: str) -> CoseMessage:

@@ -223,50 +223,6 @@ _RULES: Final = {
 }
 
 
-# Decoding is the gateway's hot path (DESIGN §12). A frozen dataclass's ``__init__`` pays one
-# ``object.__setattr__`` by name per field; the decoder has already checked every value, so it
-# writes the slots through their descriptors instead: the same object, for about 60 % of the cost
-# (tests/test_psa.py holds each builder equal to its constructor).
-_new: Final = object.__new__
-_COMPONENT_SLOTS: Final = tuple(
-    getattr(SoftwareComponent, f.name).__set__ for f in fields(SoftwareComponent)
-)
-_CLAIMS_SLOTS: Final = tuple(getattr(PsaClaims, f.name).__set__ for f in fields(PsaClaims))
-
-
-def _new_component(
-    value: bytes, signer: bytes, kind: str | None, version: str | None, desc: str | None
-) -> SoftwareComponent:
-    """``SoftwareComponent(value, signer, kind, version, desc)`` for checked values."""
-    obj: SoftwareComponent = _new(SoftwareComponent)
-    set_value, set_signer, set_kind, set_version, set_desc = _COMPONENT_SLOTS
-    set_value(obj, value)
-    set_signer(obj, signer)
-    set_kind(obj, kind)
-    set_version(obj, version)
-    set_desc(obj, desc)
-    return obj
-
-
-def _new_claims(*values: object) -> PsaClaims:
-    """``PsaClaims(*values)`` (all eleven, in field order) for checked values."""
-    obj: PsaClaims = _new(PsaClaims)
-    (s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10) = _CLAIMS_SLOTS
-    (v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10) = values  # unrolled: a loop costs twice as much
-    s0(obj, v0)
-    s1(obj, v1)
-    s2(obj, v2)
-    s3(obj, v3)
-    s4(obj, v4)
-    s5(obj, v5)
-    s6(obj, v6)
-    s7(obj, v7)
-    s8(obj, v8)
-    s9(obj, v9)
-    s10(obj, v10)
-    return obj
-
-
 # --- encoding ------------------------------------------------------------------------------------
 
 
@@ -339,7 +295,13 @@ def _put_optional(target: dict[int, object], key: int, value: object | None) -> 
 #
 # Verifying is on the gateway's hot path (DESIGN §12), so each claim costs one dict look-up and
 # one exact type test (cbor2 yields exact ``bytes``/``str``/``int``/``dict``/``list``); the error
-# message is built only on failure.
+# message is built only on failure. The checks are written twice. ``_claims_fast`` makes them all
+# inline, with no call per claim, and only answers "all good" (the claims) or "not all good"
+# (None). ``_claims_checked`` makes the same checks through one getter per claim and raises the
+# error naming the first claim that fails. A map goes through the fast one and, only when that
+# fails, through the checked one: the errors are always the checked one's, and a map the fast one
+# would wrongly refuse still decodes. tests/test_psa.py holds the two equal on generated and
+# mutated maps; a rule changed in one must be changed in the other.
 
 
 def decode_claims(payload: bytes) -> PsaClaims:
@@ -353,12 +315,190 @@ def decode_claims(payload: bytes) -> PsaClaims:
 
 
 def _claims_from_map(obj: object) -> PsaClaims:
+    if type(obj) is dict:
+        claims = _claims_fast(obj)
+        if claims is not None:
+            return claims
+    return _claims_checked(obj)
+
+
+# A frozen dataclass's ``__init__`` pays one ``object.__setattr__`` by name per field; the fast
+# decoder has already checked every value, so it writes the slots through their descriptors
+# instead, unrolled: the same object, for about 60 % of the cost (tests/test_psa.py holds what it
+# builds equal to what the constructors build).
+_new: Final = object.__new__
+_COMPONENT_SLOTS: Final = tuple(
+    getattr(SoftwareComponent, f.name).__set__ for f in fields(SoftwareComponent)
+)
+_PLATFORM_SLOTS: Final = tuple(
+    getattr(PlatformClaims, f.name).__set__ for f in fields(PlatformClaims)
+)
+_CLAIMS_SLOTS: Final = tuple(getattr(PsaClaims, f.name).__set__ for f in fields(PsaClaims))
+
+
+def _claims_fast(claims: dict[object, object]) -> PsaClaims | None:
+    """``_claims_checked(claims)`` when every check passes, else None: the same checks, inline.
+
+    An optional text claim reads as None both when absent and when CBOR null; null is refused (as
+    ``_opt_text`` refuses it) by a second look-up, made only in that case.
+    """
+    get = claims.get
+    profile = get(CLAIM_PROFILE)
+    if type(profile) is not str:
+        return None
+    rules = _RULES.get(profile)  # a known profile is short enough
+    if rules is None:
+        return None
+    client_id = get(CLAIM_CLIENT_ID)
+    if type(client_id) is not int or not CLIENT_ID_MIN <= client_id <= CLIENT_ID_MAX:
+        return None
+    lifecycle = get(CLAIM_LIFECYCLE)  # then _lifecycle_ok's rule, inline
+    if type(lifecycle) is not int or not 0 <= lifecycle <= _LIFECYCLE_MAX or lifecycle & 0x0F00:
+        return None
+    implementation_id = get(CLAIM_IMPLEMENTATION_ID)
+    if type(implementation_id) is not bytes or len(implementation_id) != IMPLEMENTATION_ID_BYTES:
+        return None
+    boot_seed = get(rules.boot_seed_key, _MISSING)
+    if boot_seed is _MISSING:
+        if rules.boot_seed_required:
+            return None
+        boot_seed = b""
+    elif type(boot_seed) is not bytes or len(boot_seed) not in rules.boot_seed_sizes:
+        return None
+    instance_id = get(CLAIM_INSTANCE_ID)
+    if (
+        type(instance_id) is not bytes
+        or len(instance_id) != INSTANCE_ID_BYTES
+        or instance_id[0] != INSTANCE_ID_TYPE_RAND
+    ):
+        return None
+    nonce = get(CLAIM_NONCE)
+    if type(nonce) is not bytes or len(nonce) not in HASH_SIZES:
+        return None
+    components = _components_fast(get(CLAIM_SOFTWARE_COMPONENTS))
+    if components is None:
+        return None
+    reference = get(CLAIM_CERTIFICATION_REFERENCE)
+    if type(reference) is str:
+        if len(reference) > MAX_TEXT or not rules.certification_reference.fullmatch(reference):
+            return None
+    elif reference is not None or CLAIM_CERTIFICATION_REFERENCE in claims:
+        return None
+    service = get(CLAIM_VERIFICATION_SERVICE)
+    if type(service) is str:
+        if len(service) > MAX_TEXT:
+            return None
+    elif service is not None or CLAIM_VERIFICATION_SERVICE in claims:
+        return None
+    platform = None
+    if not _PLATFORM_KEYS.isdisjoint(claims):
+        platform = _platform_fast(claims)
+        if platform is None:
+            return None
+    obj: PsaClaims = _new(PsaClaims)
+    (s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10) = _CLAIMS_SLOTS  # in PsaClaims's field order
+    s0(obj, profile)
+    s1(obj, client_id)
+    s2(obj, lifecycle)
+    s3(obj, implementation_id)
+    s4(obj, boot_seed)
+    s5(obj, instance_id)
+    s6(obj, nonce)
+    s7(obj, components)
+    s8(obj, reference)
+    s9(obj, service)
+    s10(obj, platform)
+    return obj
+
+
+def _components_fast(items: object) -> tuple[SoftwareComponent, ...] | None:
+    """``_components(claims)`` for ``items`` (the claim's value) when all checks pass, else None."""
+    if type(items) is not list or not 1 <= len(items) <= MAX_COMPONENTS:
+        return None
+    components = []
+    set_value, set_signer, set_kind, set_version, set_desc = _COMPONENT_SLOTS
+    for item in items:
+        if type(item) is not dict:
+            return None
+        value = item.get(COMPONENT_VALUE)
+        signer = item.get(COMPONENT_SIGNER_ID)
+        if (
+            type(value) is not bytes
+            or len(value) not in HASH_SIZES
+            or type(signer) is not bytes
+            or len(signer) not in HASH_SIZES
+        ):
+            return None
+        kind = item.get(COMPONENT_TYPE)
+        if type(kind) is str:
+            if len(kind) > MAX_TEXT:
+                return None
+        elif kind is not None or COMPONENT_TYPE in item:
+            return None
+        version = item.get(COMPONENT_VERSION)
+        if type(version) is str:
+            if len(version) > MAX_TEXT:
+                return None
+        elif version is not None or COMPONENT_VERSION in item:
+            return None
+        desc = item.get(COMPONENT_DESC)
+        if type(desc) is str:
+            if len(desc) > MAX_TEXT:
+                return None
+        elif desc is not None or COMPONENT_DESC in item:
+            return None
+        component: SoftwareComponent = _new(SoftwareComponent)
+        set_value(component, value)
+        set_signer(component, signer)
+        set_kind(component, kind)
+        set_version(component, version)
+        set_desc(component, desc)
+        components.append(component)
+    return tuple(components)
+
+
+def _platform_fast(claims: dict[object, object]) -> PlatformClaims | None:
+    """``_platform(claims)`` when every check passes, else None (only called with some present)."""
+    get = claims.get
+    counters = get(CLAIM_FUSE_COUNTERS)
+    if type(counters) is not dict or len(counters) > MAX_FUSE_COUNTERS:
+        return None
+    for name, value in counters.items():
+        if (
+            type(name) is not str
+            or not 1 <= len(name) <= MAX_COUNTER_NAME
+            or type(value) is not int
+            or not 0 <= value <= MAX_COUNTER
+        ):
+            return None
+    boot_count = get(CLAIM_BOOT_COUNT)
+    if type(boot_count) is not int or not 0 <= boot_count <= MAX_BOOT_COUNT:
+        return None
+    secure_boot = get(CLAIM_SECURE_BOOT)
+    debug_port_open = get(CLAIM_DEBUG_PORT_OPEN)
+    smt_enabled = get(CLAIM_SMT_ENABLED)
+    if type(secure_boot) is not bool or type(debug_port_open) is not bool:
+        return None
+    if type(smt_enabled) is not bool:
+        return None
+    platform: PlatformClaims = _new(PlatformClaims)
+    set_counters, set_boot_count, set_secure_boot, set_debug_port, set_smt = _PLATFORM_SLOTS
+    # The names are unique (map keys), so these pairs are what PlatformClaims.__post_init__ makes.
+    set_counters(platform, tuple(sorted(counters.items())))
+    set_boot_count(platform, boot_count)
+    set_secure_boot(platform, secure_boot)
+    set_debug_port(platform, debug_port_open)
+    set_smt(platform, smt_enabled)
+    return platform
+
+
+def _claims_checked(obj: object) -> PsaClaims:
     claims = _as_map(obj, _WHAT)
     profile = _text(claims, CLAIM_PROFILE, _WHAT, "profile")
     rules = _RULES.get(profile)
     if rules is None:
         raise MalformedMessage(f"{_WHAT}.profile: unsupported profile {profile!r:.80}")
-    return _new_claims(  # in PsaClaims's field order
+    return PsaClaims(  # in field order: the checks run in this order
         profile,
         _int(claims, CLAIM_CLIENT_ID, "client id", CLIENT_ID_MIN, CLIENT_ID_MAX),
         _lifecycle(claims),
@@ -427,7 +567,7 @@ _COMPONENT_WHERE: Final = tuple(f"{_WHAT}.software components[{i}]" for i in ran
 def _component(obj: object, index: int) -> SoftwareComponent:
     where = _COMPONENT_WHERE[index]
     component = _as_map(obj, where)
-    return _new_component(
+    return SoftwareComponent(
         _bytes(component, COMPONENT_VALUE, where, "measurement value", HASH_SIZES),
         _bytes(component, COMPONENT_SIGNER_ID, where, "signer id", HASH_SIZES),
         _opt_text(component, COMPONENT_TYPE, where, "measurement type"),
@@ -585,8 +725,12 @@ def parse_unverified_token(token: bytes) -> PsaClaims:
     return decode_claims(_parse_sign1(token).payload)
 
 
+#: A tuple, not ``bytes | bytearray | memoryview``: that union would be built again at every call.
+_BYTES_TYPES: Final = (bytes, bytearray, memoryview)
+
+
 def _parse_sign1(token: bytes) -> cose.CoseMessage:
-    if isinstance(token, bytes | bytearray | memoryview) and len(token) > MAX_TOKEN_BYTES:
+    if isinstance(token, _BYTES_TYPES) and len(token) > MAX_TOKEN_BYTES:
         raise MalformedMessage(
             f"{_WHAT}: {len(token)} bytes exceeds the limit of {MAX_TOKEN_BYTES}"
         )

@@ -33,6 +33,52 @@ def test_loads_refuses_non_strict_input(data: bytes, message: str) -> None:
         cbor.loads(data, what="x")
 
 
+_cbor_item = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.binary(max_size=300)
+    | st.text(max_size=40)
+    | st.floats(allow_nan=False),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.integers(-3, 30), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(item=_cbor_item, trailing=st.binary(min_size=1, max_size=40))
+def test_loads_refuses_any_trailing_bytes(item: object, trailing: bytes) -> None:
+    """After one whole item, any further bytes (another item, a break, junk) are refused."""
+    data = cbor.dumps(item)
+    assert cbor.dumps(cbor.loads(data, what="x")) == data
+    with pytest.raises(MalformedMessage, match=f"x: {len(trailing)} trailing bytes"):
+        cbor.loads(data + trailing, what="x")
+    with pytest.raises(MalformedMessage, match="trailing bytes"):
+        cbor.loads(data + data, what="x")
+
+
+@pytest.mark.parametrize("size", [4095, 4096, 4097, 70_000])
+def test_loads_refuses_trailing_bytes_after_a_large_item(size: int) -> None:
+    """Trailing bytes are found whatever the item's size, one byte or more past it."""
+    data = cbor.dumps([bytes(size), "end"])
+    assert cbor.loads(data, what="x") == [bytes(size), "end"]
+    for trailing in (b"\x00", b"\xff", bytes(5000)):
+        with pytest.raises(MalformedMessage, match=f"{len(trailing)} trailing bytes"):
+            cbor.loads(data + trailing, what="x")
+
+
+def test_loads_takes_any_bytes_like_object() -> None:
+    """bytes, bytearray and memoryview decode alike, trailing bytes refused alike."""
+    data = cbor.dumps({1: [b"ab", "c"]})
+    for wrap in (bytes, bytearray, memoryview):
+        # Typed as bytes; a transport may still hand over a bytearray or a memoryview.
+        assert cbor.loads(wrap(data), what="x") == {1: [b"ab", "c"]}  # type: ignore[arg-type]
+        with pytest.raises(MalformedMessage, match="1 trailing bytes"):
+            cbor.loads(wrap(data + b"\x00"), what="x")  # type: ignore[arg-type]
+
+
 def test_loads_refuses_oversize_and_non_bytes() -> None:
     """Input over the limit, or not bytes at all, is refused before decoding."""
     with pytest.raises(MalformedMessage, match="exceeds the limit"):
@@ -133,3 +179,6 @@ def test_heads_and_map_parts_are_the_encoders_bytes(entries: dict[str, bytes], s
     assert cbor.bstr_head(size) + bytes(size) == cbor.dumps(bytes(size))
     for n in (size, 2**32 - 1, 2**32, 2**64 - 1):
         assert cbor.head(0, n) == cbor.dumps(n)
+        assert cbor.head(1, n) == cbor.dumps(-1 - n)
+    assert cbor.head(3, size) + b"a" * size == cbor.dumps("a" * size)
+    assert cbor.head(4, size % 300) + b"\x00" * (size % 300) == cbor.dumps([0] * (size % 300))

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import FrozenInstanceError
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pycose.algorithms import Es256
@@ -466,3 +472,92 @@ def test_es256_layout_declines_other_shapes() -> None:
     big = cose.sign1_create(bytes(65_536), _KEY)  # a 4-byte length: the decoder's business
     assert cose._parse_es256_layout(big) is None
     assert cose.sign1_verify(big, _KEY.public_key()) == bytes(65_536)
+
+
+@pytest.mark.parametrize("size", [0, 1, 23, 24, 255, 256, 65535, 65536])
+def test_es256_sig_structure_without_aad_is_deterministic_cbor(size: int) -> None:
+    """The ES256 Sig_structure without AAD (tokens, results) equals the encoder's at each length."""
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    expected = cbor.dumps(["Signature1", b"\xa1\x01\x26", b"", payload])
+    assert cose._sig_structure(b"\xa1\x01\x26", b"", payload) == expected
+
+
+def test_es256_layout_builds_a_frozen_message() -> None:
+    """The fast path's message, written through its slots, is the constructor's, and as frozen."""
+    message = cose.sign1_create(PAYLOAD, _KEY)
+    fast = cose._parse_es256_layout(message)
+    assert fast is not None
+    built = cose.CoseMessage(b"\xa1\x01\x26", cose.Algorithm.ES256, None, PAYLOAD, fast.signature)
+    assert type(fast) is cose.CoseMessage
+    assert fast == built and hash(fast) == hash(built) and repr(fast) == repr(built)
+    with pytest.raises(FrozenInstanceError):
+        fast.payload = b"other"  # type: ignore[misc]
+
+
+# --- DER from raw r‖s -----------------------------------------------------------------------------
+
+
+def _raw_values(size: int) -> st.SearchStrategy[int]:
+    top = (1 << (8 * size)) - 1
+    edges = [0, 1, 0x7F, 0x80, 0xFF, 0x100, top >> 1, (top >> 1) + 1, top - 1, top]
+    return st.integers(0, top) | st.sampled_from(edges) | st.integers(0, 1 << 64)
+
+
+@st.composite
+def _signature_halves(draw: st.DrawFn) -> tuple[int, int, int]:
+    size = draw(st.sampled_from([32, 48, 66]))
+    return size, draw(_raw_values(size)), draw(_raw_values(size))
+
+
+@given(_signature_halves())
+@settings(max_examples=400)
+def test_der_signature_equals_encode_dss_signature(halves: tuple[int, int, int]) -> None:
+    """The byte-level DER writer gives exactly what encode_dss_signature gives, for any r and s."""
+    size, r, s = halves
+    raw = r.to_bytes(size, "big") + s.to_bytes(size, "big")
+    assert cose._der_signature(raw, size) == encode_dss_signature(r, s)
+
+
+@given(
+    st.sampled_from([32, 48, 66]).flatmap(
+        lambda n: st.tuples(st.just(n), st.binary(min_size=2 * n, max_size=2 * n))
+    )
+)
+@settings(max_examples=300)
+def test_der_signature_equals_encode_dss_signature_on_raw_bytes(case: tuple[int, bytes]) -> None:
+    """The same on raw bytes as they come: runs of zero bytes, high bits, anything."""
+    size, raw = case
+    r, s = int.from_bytes(raw[:size], "big"), int.from_bytes(raw[size:], "big")
+    assert cose._der_signature(raw, size) == encode_dss_signature(r, s)
+
+
+@pytest.mark.parametrize(
+    ("r", "s"),
+    [(0, 0), (1, 1), (0x7F, 0x80), ((1 << 255), (1 << 248) - 1), ((1 << 256) - 1, 0x1234)],
+)
+def test_der_signature_edges(r: int, s: int) -> None:
+    """Zero, leading zeros, the top bit set and all 0xff encode as encode_dss_signature does."""
+    raw = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    assert cose._der_signature(raw, 32) == encode_dss_signature(r, s)
+
+
+def _deterministic_signer(data: bytes) -> bytes:
+    """ES256 with RFC 6979 nonces: the same signature for the same bytes, run after run."""
+    der = _KEY.sign(data, ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
+    r, s = decode_dss_signature(der)
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+def test_signatures_with_a_leading_zero_byte_verify() -> None:
+    """r or s below 2**248 (a leading 0x00 in the raw form: 1 in 128 signatures) verifies."""
+    seen = 0
+    for n in range(2000):
+        payload = n.to_bytes(2, "big")
+        message = cose.sign1_create(payload, _deterministic_signer)
+        signature = cose.sign1_parse_unverified(message).signature
+        if 0 in (signature[0], signature[32]):
+            seen += 1
+            assert cose.sign1_verify(message, _KEY.public_key()) == payload
+            if seen == 3:
+                return
+    pytest.fail("no three signatures with a leading zero byte in 2000")

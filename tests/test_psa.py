@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import fields, replace
+from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
 
 import cbor2
@@ -694,16 +694,201 @@ def test_mutated_claims_decode_or_raise_malformed(changes: list[tuple[object, ob
     assert psa.decode_claims(psa.encode_claims(claims)) == claims
 
 
-def test_decoder_builders_equal_the_constructors() -> None:
-    """The slot-writing builders of the decoder make exactly what the constructors make."""
-    args = (bytes(32), bytes(48), "BL2", "1.0.0", None)
-    assert psa._new_component(*args) == psa.SoftwareComponent(*args)
-    built = psa._new_component(*args)
-    with pytest.raises(AttributeError):
-        built.version = "2"  # type: ignore[misc]
-    claims = _claims()
-    values = tuple(getattr(claims, f.name) for f in fields(psa.PsaClaims))
-    assert psa._new_claims(*values) == claims
-    assert hash(psa._new_claims(*values)) == hash(claims)
-    with pytest.raises(ValueError, match="values to unpack"):
-        psa._new_claims(*values[:-1])
+# --- the fast decoder equals the checked one ------------------------------------------------------
+
+
+def _checked(claims_map: object) -> psa.PsaClaims | MalformedMessage:
+    try:
+        return psa._claims_checked(claims_map)
+    except MalformedMessage as err:
+        return err
+
+
+def _assert_same(fast: psa.PsaClaims, checked: psa.PsaClaims) -> None:
+    """Equal to the bit: the same classes and the same values, all the way down."""
+    assert type(fast) is psa.PsaClaims
+    assert all(type(c) is psa.SoftwareComponent for c in fast.software_components)
+    assert fast.platform is None or type(fast.platform) is psa.PlatformClaims
+    assert fast == checked
+    assert hash(fast) == hash(checked)
+    assert repr(fast) == repr(checked)  # tells True from 1 and bytes from bytearray
+
+
+@settings(max_examples=150, deadline=None)
+@given(_claims_st())
+def test_fast_decoder_equals_the_checked_one(claims: psa.PsaClaims) -> None:
+    """On any valid claim set the fast decoder builds exactly what the constructors build."""
+    claims_map = cbor.loads(psa.encode_claims(claims), what="t")
+    assert type(claims_map) is dict
+    fast = psa._claims_fast(claims_map)
+    assert fast is not None
+    _assert_same(fast, psa._claims_checked(claims_map))
+    assert fast == claims
+
+
+_edge_value: st.SearchStrategy[object] = st.sampled_from(
+    [
+        None,
+        True,
+        False,
+        0,
+        -1,
+        1 << 31,
+        -(1 << 31) - 1,
+        0x3000,
+        0x30FF,
+        0x3100,
+        0x60FF,
+        0x7000,
+        1 << 64,
+        0.0,
+        b"",
+        bytes(7),
+        bytes(8),
+        bytes(31),
+        bytes(32),
+        bytes(33),
+        b"\x01" + bytes(32),
+        b"\x02" + bytes(32),
+        bytes(48),
+        bytes(64),
+        "",
+        "x" * 256,
+        "x" * 257,
+        [],
+        [{}],
+        {},
+        psa.PROFILE_RFC9783,
+        psa.PROFILE_PSA_2_0_0,
+        "PSA_IOT_PROFILE_1",
+        "0604565272829-10010",
+        "0604565272829",
+    ]
+)
+_mutation = _cbor_value | _edge_value | st.just(_drop)
+_component_keys = st.sampled_from(
+    [
+        psa.COMPONENT_TYPE,
+        psa.COMPONENT_VALUE,
+        3,
+        psa.COMPONENT_VERSION,
+        psa.COMPONENT_SIGNER_ID,
+        psa.COMPONENT_DESC,
+    ]
+)
+_counter_names = st.sampled_from(["bl2", "runtime", "", "x" * 32, "x" * 33, 1, b"bl2"])
+_counter_values = st.sampled_from([0, 1, 0xFFFF_FFFF, 1 << 32, -1, True, None, "1"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    claims=st.lists(st.tuples(_claim_keys, _mutation), max_size=3),
+    components=st.lists(st.tuples(st.integers(0, 3), _component_keys, _mutation), max_size=3),
+    counters=st.lists(st.tuples(_counter_names, _counter_values | st.just(_drop)), max_size=2),
+)
+def test_fast_decoder_never_disagrees(
+    claims: list[tuple[object, object]],
+    components: list[tuple[int, int, object]],
+    counters: list[tuple[object, object]],
+) -> None:
+    """On mutated maps the fast decoder declines exactly when the checked one raises, else agrees.
+
+    Mutations reach every level: the claims, the software components and the fuse counters.
+    """
+    claims_map = _good_map()
+    items = claims_map[psa.CLAIM_SOFTWARE_COMPONENTS]
+    fuses = claims_map[psa.CLAIM_FUSE_COUNTERS]
+    assert isinstance(items, list) and isinstance(fuses, dict)
+    for index, component_key, component_value in components:
+        component = items[index % len(items)]
+        assert isinstance(component, dict)
+        if component_value is _drop:
+            component.pop(component_key, None)
+        else:
+            component[component_key] = component_value
+    for name, value in counters:
+        if value is _drop:
+            fuses.pop(name, None)
+        else:
+            fuses[name] = value
+    for key, value in claims:
+        if value is _drop:
+            claims_map.pop(key, None)
+        else:
+            claims_map[key] = value
+    fast = psa._claims_fast(claims_map)
+    checked = _checked(claims_map)
+    if fast is None:
+        assert isinstance(checked, MalformedMessage)
+    else:
+        assert isinstance(checked, psa.PsaClaims)
+        _assert_same(fast, checked)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CLAIMS))
+def test_fast_decoder_declines_every_bad_claim(case: str) -> None:
+    """Each broken claim makes the fast decoder decline, so the checked one names it."""
+    mutate, _ = BAD_CLAIMS[case]
+    claims_map = _good_map()
+    mutate(claims_map)
+    assert psa._claims_fast(claims_map) is None
+
+
+def _null_in_component(key: int) -> Callable[[ClaimsMap], None]:
+    def mutate(claims_map: ClaimsMap) -> None:
+        components = claims_map[psa.CLAIM_SOFTWARE_COMPONENTS]
+        assert isinstance(components, list) and isinstance(components[1], dict)
+        components[1][key] = None
+
+    return mutate
+
+
+_OPTIONAL_CLAIMS: dict[str, tuple[Callable[[ClaimsMap], None], Callable[[ClaimsMap], None]]] = {
+    "certification reference": (
+        _drop(psa.CLAIM_CERTIFICATION_REFERENCE),
+        _set(psa.CLAIM_CERTIFICATION_REFERENCE, None),
+    ),
+    "verification service": (
+        _drop(psa.CLAIM_VERIFICATION_SERVICE),
+        _set(psa.CLAIM_VERIFICATION_SERVICE, None),
+    ),
+    "boot seed": (_drop(psa.CLAIM_BOOT_SEED), _set(psa.CLAIM_BOOT_SEED, None)),
+    "measurement type": (
+        _component(psa.COMPONENT_TYPE, None),
+        _null_in_component(psa.COMPONENT_TYPE),
+    ),
+    "version": (_component(psa.COMPONENT_VERSION, None), _null_in_component(psa.COMPONENT_VERSION)),
+    "measurement desc": (
+        _component(psa.COMPONENT_DESC, None),
+        _null_in_component(psa.COMPONENT_DESC),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_OPTIONAL_CLAIMS))
+def test_optional_claims_may_be_absent_but_not_null(name: str) -> None:
+    """An absent optional claim decodes (as None, or b""); a CBOR null in its place is refused."""
+    absent, null = _OPTIONAL_CLAIMS[name]
+    claims_map = _good_map()
+    absent(claims_map)
+    fast = psa._claims_fast(claims_map)
+    assert fast is not None
+    _assert_same(fast, psa._claims_checked(claims_map))
+    claims_map = _good_map()
+    null(claims_map)
+    assert psa._claims_fast(claims_map) is None
+    with pytest.raises(MalformedMessage, match=f"{name}: expected text|{name}: expected 8-32"):
+        psa._claims_checked(claims_map)
+
+
+def test_fast_decoder_builds_frozen_objects() -> None:
+    """What the fast decoder builds by writing slots is as frozen as what the constructors build."""
+    claims = psa._claims_fast(_good_map())
+    assert claims is not None and claims.platform is not None
+    with pytest.raises(FrozenInstanceError):
+        claims.nonce = bytes(32)  # type: ignore[misc]
+    with pytest.raises(FrozenInstanceError):
+        claims.software_components[0].version = "2"  # type: ignore[misc]
+    with pytest.raises(FrozenInstanceError):
+        claims.platform.boot_count = 0  # type: ignore[misc]
+    assert claims == _claims()
