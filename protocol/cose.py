@@ -133,7 +133,8 @@ def sign1_create(
         raise ValueError(f"ES256 signer returned {len(signature)} bytes, expected 64 (raw r‖s)")
     unprotected: dict[int, object] = {} if kid is None else {HEADER_KID: kid}
     body = [protected, unprotected, payload, signature]
-    return cbor.dumps(cbor.tagged(TAG_SIGN1, body) if tagged else body)
+    # At most one header in the one map: nothing to sort (cbor.dumps_ordered).
+    return cbor.dumps_ordered(cbor.tagged(TAG_SIGN1, body) if tagged else body)
 
 
 def sign1_parse_unverified(message: bytes) -> CoseMessage:

@@ -48,7 +48,7 @@ def grant_info(device: DeviceId, session: SessionId, manifest_digest: bytes) -> 
     session = ids.session_id(session)
     if not isinstance(manifest_digest, bytes) or len(manifest_digest) != MANIFEST_DIGEST_BYTES:
         raise ValueError(f"manifest digest must be {MANIFEST_DIGEST_BYTES} bytes")
-    context = cbor.dumps([device, session, manifest_digest])
+    context = cbor.dumps_ordered([device, session, manifest_digest])  # no map: nothing to sort
     return GRANT_INFO_LABEL + hashlib.sha256(context).digest()
 
 

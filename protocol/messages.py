@@ -157,7 +157,14 @@ def _set(obj: object, name: str, value: object) -> None:
 
 
 def _encode(mtype: MessageType, body: dict[int, object]) -> bytes:
-    return cbor.dumps({K_TYPE: int(mtype), K_VERSION: VERSION, **body})
+    # Keys are small non-negative ints, whose canonical order is numeric: sorted here, the map is
+    # written as it is (cbor.dumps_ordered). A message holding a map (counters, the challenge an
+    # evidence echoes) lets the encoder order it.
+    if any(type(value) is dict for value in body.values()):
+        return cbor.dumps({K_TYPE: int(mtype), K_VERSION: VERSION, **body})
+    return cbor.dumps_ordered(
+        {K_TYPE: int(mtype), K_VERSION: VERSION, **dict(sorted(body.items()))}
+    )
 
 
 def _open(data: bytes, *, what: str, max_bytes: int) -> tuple[MessageType, cbor.Fields]:
@@ -300,7 +307,7 @@ class Challenge(_CborMessage):
 
     def mac_input(self) -> bytes:
         """The bytes the gateway MACs: canonical CBOR [device, session, expires_s, nonce]."""
-        return cbor.dumps([self.device_id, self.session_id, self.expires_s, self.nonce])
+        return cbor.dumps_ordered([self.device_id, self.session_id, self.expires_s, self.nonce])
 
     def _body(self) -> dict[int, object]:
         return {

@@ -747,7 +747,8 @@ def bind_nonce(challenge: bytes, enclave_public_raw: bytes) -> bytes:
     """
     _require_size("challenge", challenge, CHALLENGE_BYTES)
     _require_size("enclave X25519 public key", enclave_public_raw, X25519_PUBLIC_BYTES)
-    return hashlib.sha256(cbor.dumps([BIND_LABEL, challenge, enclave_public_raw])).digest()
+    binding = cbor.dumps_ordered([BIND_LABEL, challenge, enclave_public_raw])  # no map to sort
+    return hashlib.sha256(binding).digest()
 
 
 def _require_size(name: str, value: bytes, size: int) -> None:

@@ -460,19 +460,32 @@ def _claims(obj: object, profile: str, allowed: frozenset[Key]) -> cbor.Fields:
 # --- signing and verifying ----------------------------------------------------------------------
 
 
+#: Every claim key in canonical CBOR order: a claims map put in this order is written as it is.
+_CLAIM_ORDER: Final = cbor.canonical_order(Key)
+
+
+def _claims_bytes(claims: dict[int, object]) -> bytes:
+    """``cbor.dumps(claims)``, the map put in canonical order here (``cbor.dumps_ordered``): its
+    nested maps (trust vector, verifier id) are built in order already."""
+    ordered = {key: claims[key] for key in _CLAIM_ORDER if key in claims}
+    if len(ordered) != len(claims):  # a key outside ``Key``: let the encoder sort
+        return cbor.dumps(claims)
+    return cbor.dumps_ordered(ordered)
+
+
 def sign_result(result: AttestationResult, key: Signer) -> bytes:
     """Sign a result as COSE_Sign1 ES256 with the gateway result key (or an HSM signer)."""
-    return cose.sign1_create(cbor.dumps(result_claims(result)), key)
+    return cose.sign1_create(_claims_bytes(result_claims(result)), key)
 
 
 def sign_command(command: Command, key: Signer) -> bytes:
     """Sign a command as COSE_Sign1 ES256 with the gateway result key."""
-    return cose.sign1_create(cbor.dumps(command_claims(command)), key)
+    return cose.sign1_create(_claims_bytes(command_claims(command)), key)
 
 
 def sign_receipt(receipt: Receipt, key: Signer) -> bytes:
     """Sign a key-release receipt as COSE_Sign1 ES256 with the gateway result key."""
-    return cose.sign1_create(cbor.dumps(receipt_claims(receipt)), key)
+    return cose.sign1_create(_claims_bytes(receipt_claims(receipt)), key)
 
 
 def verify_result(

@@ -182,3 +182,13 @@ def test_heads_and_map_parts_are_the_encoders_bytes(entries: dict[str, bytes], s
         assert cbor.head(1, n) == cbor.dumps(-1 - n)
     assert cbor.head(3, size) + b"a" * size == cbor.dumps("a" * size)
     assert cbor.head(4, size % 300) + b"\x00" * (size % 300) == cbor.dumps([0] * (size % 300))
+
+
+def test_canonical_order_is_the_order_dumps_writes() -> None:
+    """Keys put in ``canonical_order`` and written as given are what ``dumps`` writes."""
+    keys = [-80003, 1004, 2, -1, 265, 24, 0, -25, 23, 1 << 33, -(1 << 33), 255, 256]
+    ordered = cbor.canonical_order(keys)
+    mapping = dict.fromkeys(keys, b"x")
+    assert cbor.dumps_ordered({key: mapping[key] for key in ordered}) == cbor.dumps(mapping)
+    texts = ["bb", "a", "ba", "", "z" * 30, "é"]
+    assert cbor.canonical_order(texts) == ("", "a", "ba", "bb", "é", "z" * 30)

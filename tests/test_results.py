@@ -109,8 +109,18 @@ def _flip(data: bytes, position: int) -> bytes:
 def test_result_round_trip() -> None:
     """A signed result verifies and decodes to the same result."""
     result = _result()
-    assert _verify(sign_result(result, KEY)) == result
+    signed = sign_result(result, KEY)
+    assert _verify(signed) == result
+    _assert_canonical_claims(signed)
     assert result.release_id == RELEASE
+
+
+def _assert_canonical_claims(signed: bytes) -> None:
+    """The signed claims and the COSE_Sign1 around them are canonical CBOR (written with their
+    keys put in order by hand, not by the encoder)."""
+    assert cbor.dumps(cbor.loads(signed, what="COSE_Sign1")) == signed
+    claims = cose.sign1_parse_unverified(signed).payload
+    assert cbor.dumps(cbor.loads(claims, what="claims")) == claims
 
 
 def test_result_signed_by_hsm_signer() -> None:
@@ -297,7 +307,9 @@ def test_result_round_trip_property(
         lease=Lease(offline_boots=boots, expires_s=NOW + ttl) if keep else None,
         verifier_id=verifier,
     )
-    assert _verify(sign_result(result, KEY)) == result
+    signed = sign_result(result, KEY)
+    assert _verify(signed) == result
+    _assert_canonical_claims(signed)
 
 
 # --- trust vector and reasons ------------------------------------------------------------------
@@ -395,7 +407,9 @@ def test_command_round_trip(kind: CommandKind) -> None:
     """Every command kind signs and verifies to itself."""
     release = RELEASE if kind is CommandKind.UPDATE else None
     command = _command(kind=kind, release_id=release)
-    assert _verify_command(sign_command(command, KEY)) == command
+    signed = sign_command(command, KEY)
+    assert _verify_command(signed) == command
+    _assert_canonical_claims(signed)
 
 
 def test_command_refuses_replayed_sequence() -> None:
@@ -469,6 +483,7 @@ def test_receipt_round_trip_and_negatives(rng: random.Random) -> None:
     )
     data = sign_receipt(receipt, KEY)
     assert verify_receipt(data, KEY.public_key()) == receipt
+    _assert_canonical_claims(data)
     assert receipt.release_id == receipt.manifest_digest.hex()
     with pytest.raises(InvalidSignedMessage):
         verify_receipt(data, OTHER_KEY.public_key())
