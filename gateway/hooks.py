@@ -377,4 +377,10 @@ def _verdict_body(record: VerdictRecord) -> bytes:
         "reasons": list(record.reasons),
         "policy_version": record.policy_version,
     }
-    return cbor.dumps(body)
+    # Written in canonical key order by hand (cbor.dumps_ordered): the ledger refuses any other.
+    return cbor.dumps_ordered({key: body[key] for key in _VERDICT_BODY_ORDER})
+
+
+_VERDICT_BODY_ORDER: Final = cbor.canonical_order(
+    ("v", "session_id", "status", "reasons", "policy_version")
+)

@@ -308,7 +308,11 @@ def _release_body(session_id: SessionId, release_id: str, receipt: bytes) -> byt
         "release_id": release_id,
         "receipt": receipt,
     }
-    return cbor.dumps(body)
+    # Written in canonical key order by hand (cbor.dumps_ordered): the ledger refuses any other.
+    return cbor.dumps_ordered({key: body[key] for key in _RELEASE_BODY_ORDER})
+
+
+_RELEASE_BODY_ORDER: Final = cbor.canonical_order(("v", "session_id", "release_id", "receipt"))
 
 
 def _recheck_rule(

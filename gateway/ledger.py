@@ -179,7 +179,8 @@ def entry_hash(
     seq: int, kind: str, device: str | None, body: bytes, at_s: int, prev_hash: bytes
 ) -> bytes:
     """SHA-256 of canonical CBOR [seq, kind, device, body, at_s, prev_hash]."""
-    return hashlib.sha256(cbor.dumps([seq, kind, device, body, at_s, prev_hash])).digest()
+    fields = [seq, kind, device, body, at_s, prev_hash]
+    return hashlib.sha256(cbor.dumps_ordered(fields)).digest()  # no map: nothing to sort
 
 
 def checkpoint_payload(seq: int, head_hash: bytes, at_s: int) -> bytes:
