@@ -303,8 +303,9 @@ def test_busy_loop_swallowing_exceptions_is_still_stopped(bench: Bench) -> None:
 
 
 def test_app_blocked_in_a_host_call_is_unresponsive_until_it_returns(rng: random.Random) -> None:
-    """An app blocked inside a host call (here the sink) cannot be interrupted: stop() reports
-    UNRESPONSIVE, start() refuses, and the app ends as hung as soon as the call returns."""
+    """An app blocked inside a host call (here the sink) cannot be interrupted, and nothing is
+    injected into the host code: stop() reports UNRESPONSIVE, start() refuses, and once the call
+    returns the app ends as hung at its next line."""
     entered, release = threading.Event(), threading.Event()
 
     def sink(topic: str, payload: bytes) -> None:
@@ -319,7 +320,7 @@ def test_app_blocked_in_a_host_call_is_unresponsive_until_it_returns(rng: random
     with pytest.raises(UsageError, match="already running"):
         runner.start(app("x = 1\n"))
     release.set()
-    assert runner.wait(WAIT_S) == AppHung(HangReason.STOP_IGNORED, "main.py", 2)
+    assert runner.wait(WAIT_S) == AppHung(HangReason.STOP_IGNORED, "main.py", 3)
     runner.start(app("x = 1\n"))
     assert runner.wait(WAIT_S) == AppExited(ExitReason.RETURNED)
 

@@ -8,7 +8,8 @@ Ending an app:
   that emits no line events, by an exception injected into the thread: hung, ``STOP_IGNORED``;
 - the watchdog: more than ``watchdog_lines`` lines without a sleep: hung, ``WATCHDOG``;
 - an app blocked inside one host call that releases the GIL (a blocking sink) cannot be interrupted:
-  :meth:`AppRunner.stop` reports ``UNRESPONSIVE`` and the app ends as hung when the call returns.
+  :meth:`AppRunner.stop` reports ``UNRESPONSIVE``, nothing is injected into host code, and the app
+  ends as hung at its first line after the call returns.
   One C call that holds the GIL (``sum(range(10**12))``) stalls the whole enclave process until it
   returns: only a process-level watchdog (restarting the enclave) ends that;
 - an uncaught exception: :class:`AppCrash` with the exception's type name and the innermost app
@@ -262,9 +263,18 @@ class AppRunner:
         return self._result
 
     def _inject(self, thread: threading.Thread, signal: type[BaseException]) -> None:
-        """Raise ``signal`` asynchronously in the app thread (loops that emit no line events)."""
+        """Raise ``signal`` asynchronously in the app thread (loops that emit no line events).
+
+        Only while the thread runs app code: inside a host call (the sink, a board driver) the
+        exception would surface in host code, in the middle of whatever it was doing (a lock
+        half taken, a queue half written). There the app is left alone: its line trace raises
+        ``StopIgnored`` at the first app line after the call returns.
+        """
         with self._lock:
             if not self._in_app or thread.ident is None:
+                return
+            frame = sys._current_frames().get(thread.ident)
+            if frame is None or bundle_path_of(frame.f_code.co_filename) is None:
                 return
             ctypes.pythonapi.PyThreadState_SetAsyncExc(
                 ctypes.c_ulong(thread.ident), ctypes.py_object(signal)
