@@ -26,7 +26,7 @@ from protocol.verifier import (
     VerifierConfig,
     VerifierSession,
 )
-from scripts.benchmarks.timing import Figure, combined, rates_interleaved, report
+from scripts.benchmarks.timing import Figure, bursts_interleaved, combined, report
 
 MIB = 1 << 20
 DEVICE = DeviceId("bench-0001")
@@ -194,9 +194,10 @@ def main() -> int:
     figures = []
     for name, operation in operations.items():
         parts, target = bounds[name]
-        rates = rates_interleaved({name: operation, **{p: primitives[p] for p in parts}})
-        bound = combined(*(rates[p] for p in parts)) if parts else None
-        figures.append(Figure(name, rates[name], bound, target))
+        bursts = bursts_interleaved({name: operation, **{p: primitives[p] for p in parts}})
+        bound = combined(*(bursts.rate(p) for p in parts)) if parts else None
+        paired = bursts.ratio(name, parts) if parts else None
+        figures.append(Figure(name, bursts.rate(name), bound, target, paired))
     ok = report("edgeseal protocol benchmark", figures)
     return 0 if ok else 1
 
