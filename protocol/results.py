@@ -111,9 +111,10 @@ class TrustVector:
     sourced_data: int = 0
 
     def __post_init__(self) -> None:
-        for field in fields(self):
-            what = f"trust vector.{field.name}"
-            cbor.expect_int(getattr(self, field.name), what=what, lo=-128, hi=127)
+        for name in _TRUST_VECTOR_NAMES:
+            value = getattr(self, name)
+            if type(value) is not int or not -128 <= value <= 127:  # the checked path says why
+                cbor.expect_int(value, what=f"trust vector.{name}", lo=-128, hi=127)
 
     @classmethod
     def baseline(cls) -> TrustVector:
@@ -149,9 +150,26 @@ class TrustVector:
         return {name: getattr(self, name) for name in _TRUST_VECTOR_NAMES}
 
     def worst_status(self) -> Status:
-        """The worst tier among the claims made (affirming when none is made)."""
-        tiers = (tier_of(value) for value in self.as_dict().values())
-        return worst(tier for tier in tiers if tier is not None)
+        """The worst tier among the claims made (affirming when none is made).
+
+        The tiers rise with the value (``tier_of``): the worst is the highest value's tier, and a
+        highest value below 2 (no claim at all) counts as affirming.
+        """
+        top = max(
+            self.instance_identity,
+            self.configuration,
+            self.executables,
+            self.file_system,
+            self.hardware,
+            self.runtime_opaque,
+            self.storage_opaque,
+            self.sourced_data,
+        )
+        if top >= _CONTRAINDICATED_FROM:
+            return Status.CONTRAINDICATED
+        if top >= _WARNING_FROM:
+            return Status.WARNING
+        return Status.AFFIRMING
 
     def to_cbor(self) -> dict[int, int]:
         """The EAR CBOR form: claim index → value, no-claim (0) entries omitted."""
@@ -176,6 +194,9 @@ class TrustVector:
 
 #: The AR4SI claim names in EAR index order (0..7); computed once, read on every result.
 _TRUST_VECTOR_NAMES: Final = tuple(field.name for field in fields(TrustVector))
+#: Where the warning and contraindicated tiers start (``tier_of``), as plain ints.
+_WARNING_FROM: Final = int(Ar4si.WARNING)
+_CONTRAINDICATED_FROM: Final = int(Ar4si.CONTRAINDICATED)
 
 
 @dataclass(frozen=True, slots=True)

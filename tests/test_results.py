@@ -513,3 +513,13 @@ def test_verifiers_given_arbitrary_bytes_raise_only_invalid_signed_message(data:
         _verify_command(data)
     with pytest.raises(InvalidSignedMessage):
         verify_receipt(data, KEY.public_key())
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(st.integers(-128, 127), min_size=8, max_size=8))
+def test_worst_status_is_the_worst_tier_of_the_claims_made(values: list[int]) -> None:
+    """The highest value's tier is the worst tier among the claims (tier_of), affirming when
+    no claim is made."""
+    vector = TrustVector(*values)
+    tiers = [tier for tier in map(tier_of, values) if tier is not None]
+    assert vector.worst_status() is worst(tiers)
