@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from device.attacks.catalog import run_attack
+from device.attacks.catalog import ATTACKS_BY_NAME, run_attack
 from device.attacks.playbook import Bench
 from device.attacks.report import AttackReport, Outcome, Where
 
@@ -22,3 +22,9 @@ def assert_defended(report: AttackReport, *where: Where) -> None:
     for point in where:
         assert point in report.detected_at, report.to_json()
     assert report.outcome is Outcome.DEFENDED, report.to_json()
+
+
+def assert_defended_where_expected(report: AttackReport, name: str, *where: Where) -> None:
+    """``report`` is ``name``'s, expected where the catalog says, and defended at ``where``."""
+    assert report.name == name and report.expected_at == ATTACKS_BY_NAME[name].expected_at
+    assert_defended(report, *where)

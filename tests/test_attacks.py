@@ -14,7 +14,7 @@ from device.attacks.playbook import Bench, exfil_attempt
 from device.attacks.report import Outcome, Where
 from gateway.broker import running_mosquitto
 from protocol.errors import UsageError
-from tests.attack_reports import assert_defended
+from tests.attack_reports import assert_defended_where_expected
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
@@ -54,9 +54,7 @@ def test_attack_is_defended_where_expected(
     attack_bench: Bench, name: str, where: tuple[Where, ...]
 ) -> None:
     """The attack is stopped at its expected point and the leak scan finds nothing."""
-    report = run_attack(attack_bench, name)
-    assert report.name == name and report.expected_at == ATTACKS_BY_NAME[name].expected_at
-    assert_defended(report, *where)
+    assert_defended_where_expected(run_attack(attack_bench, name), name, *where)
 
 
 def test_negative_control_weakened_policy_lets_the_exfiltration_through(

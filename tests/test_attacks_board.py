@@ -8,11 +8,10 @@ from typing import Final
 import pytest
 
 from device.attacks.board import NEWER_VERSION
-from device.attacks.catalog import ATTACKS_BY_NAME
 from device.attacks.playbook import Bench, run_json
 from device.attacks.report import AttackReport, Where
 from protocol.reasons import ReasonCode
-from tests.attack_reports import assert_defended, report_of
+from tests.attack_reports import assert_defended_where_expected, report_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
@@ -34,8 +33,7 @@ def test_attack_is_defended_where_expected(
 ) -> None:
     """The attack is stopped at its expected point and the leak scan finds nothing."""
     report = report_of(attack_bench, attack_reports, name)
-    assert report.name == name and report.expected_at == ATTACKS_BY_NAME[name].expected_at
-    assert_defended(report, *where)
+    assert_defended_where_expected(report, name, *where)
 
 
 def test_rollback_is_refused_below_the_fuse_counter_and_as_counter_rollback(

@@ -6,11 +6,10 @@ from typing import Final
 
 import pytest
 
-from device.attacks.catalog import ATTACKS_BY_NAME
 from device.attacks.playbook import Bench, run_json
 from device.attacks.report import AttackReport, Where
 from protocol.reasons import ReasonCode
-from tests.attack_reports import assert_defended, report_of
+from tests.attack_reports import assert_defended_where_expected, report_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
@@ -32,8 +31,7 @@ def test_attack_is_defended_where_expected(
 ) -> None:
     """The attack is stopped at its expected point and the leak scan finds nothing."""
     report = report_of(attack_bench, attack_reports, name)
-    assert report.name == name and report.expected_at == ATTACKS_BY_NAME[name].expected_at
-    assert_defended(report, *where)
+    assert_defended_where_expected(report, name, *where)
 
 
 def test_stale_challenge_is_refused_as_expired_and_the_lifetime_is_restored(

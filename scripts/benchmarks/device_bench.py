@@ -52,7 +52,7 @@ from gateway.mqtt import MqttClient, parse_broker_url
 from gateway.registry import ReferenceValue, Registry, TrustAnchorKind
 from gateway.service import Bucket, RateLimits, RunOptions, ServiceRunner, build_runner
 from gateway.state import Workspace, init_workspace
-from protocol import bundles, ids, image, keys, messages, topics
+from protocol import ids, image, keys, messages, topics
 from protocol.attester import (
     AttesterEvent,
     AttesterSession,
@@ -63,6 +63,7 @@ from protocol.attester import (
 )
 from protocol.ids import DeviceId, SessionId
 from protocol.stage import TrustAnchors
+from scripts.benchmarks.releases import register_release
 from scripts.benchmarks.timing import machine
 
 ROOT: Final = Path(__file__).resolve().parents[2]
@@ -168,20 +169,7 @@ def make_world(workspace: Workspace, home: Path) -> None:
         counters=dict(made.counters),
         now_s=1,
     )
-    digest = image.manifest_digest(image.parse_unverified_image(sealed))
-    release = ids.release_id(digest)
-    with workspace.open_kms() as kms:
-        wrapped = bundles.wrap_release_cek(cek, kms.hpke_public_key(), digest)
-    registry.add_release(
-        release,
-        product=product,
-        version="1.0.0",
-        security_counter=1,
-        sealed_image=sealed,
-        wrapped_cek=wrapped,
-        created_s=1,
-        now_s=1,
-    )
+    release = register_release(registry, workspace, sealed, cek, product=product, version="1.0.0")
     registry.assign(DEVICE, release, now_s=2)
     engine.dispose()
 

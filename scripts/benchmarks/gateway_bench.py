@@ -49,11 +49,12 @@ from gateway.policy import RegistryPolicy
 from gateway.registry import ReferenceValue, Registry, TrustAnchorKind
 from gateway.service import Bucket, GatewayService, HooksRecorder, RateLimits, ServiceSettings
 from gateway.state import Workspace, init_workspace
-from protocol import bundles, grant, ids, image, keys, topics
+from protocol import grant, ids, image, keys, topics
 from protocol.attester import AttesterSession, ChallengeReceived, VerdictReceived
 from protocol.bundles import ComponentType
 from protocol.ids import Product, ReleaseId, SessionId
 from scripts.benchmarks.loadgen import SECURED_CLASS, load_fleet, sign_token
+from scripts.benchmarks.releases import register_release
 from scripts.benchmarks.timing import Figure, combined, rate, report
 
 ROOT: Final = Path(__file__).resolve().parents[2]
@@ -163,21 +164,7 @@ def _publish_release(registry: Registry, workspace: Workspace) -> ReleaseId:
         min_runtime_version="1.0.0",
         created_s=1_700_000_000,
     )
-    digest = image.manifest_digest(image.parse_unverified_image(sealed))
-    release = ids.release_id(digest)
-    with workspace.open_kms() as kms:
-        wrapped = bundles.wrap_release_cek(cek, kms.hpke_public_key(), digest)
-    registry.add_release(
-        release,
-        product=PRODUCT,
-        version="1.1.0",
-        security_counter=1,
-        sealed_image=sealed,
-        wrapped_cek=wrapped,
-        created_s=1,
-        now_s=1,
-    )
-    return release
+    return register_release(registry, workspace, sealed, cek, product=PRODUCT, version="1.1.0")
 
 
 # --- processes -----------------------------------------------------------------------------------
