@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from protocol import cbor, ids
 from protocol.errors import MalformedMessage
+from tests.cbor_strategies import cbor_values
 
 
 def test_dumps_is_deterministic() -> None:
@@ -33,18 +34,7 @@ def test_loads_refuses_non_strict_input(data: bytes, message: str) -> None:
         cbor.loads(data, what="x")
 
 
-_cbor_item = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**70), 2**70)
-    | st.binary(max_size=300)
-    | st.text(max_size=40)
-    | st.floats(allow_nan=False),
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.integers(-3, 30), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
+_cbor_item = cbor_values(int_bits=70, max_binary=300, max_text=40, keys=st.integers(-3, 30))
 
 
 @settings(max_examples=300, deadline=None)

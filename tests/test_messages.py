@@ -47,6 +47,7 @@ from protocol.messages import (
 )
 from protocol.reasons import ReasonCode
 from protocol.reasons import Status as ResultStatus
+from tests.cbor_strategies import cbor_values
 
 SESSION = SessionId(bytes(range(16)))
 DEVICE = DeviceId("dev-0001")
@@ -241,18 +242,7 @@ def test_decoders_given_arbitrary_bytes_raise_only_malformed(data: bytes) -> Non
             decode(data)
 
 
-_cbor_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**64), 2**64)
-    | st.binary(max_size=40)
-    | st.text(max_size=20)
-    | st.floats(allow_nan=False),
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.integers(-2, 8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
+_cbor_values = cbor_values(int_bits=64, max_binary=40, max_text=20, keys=st.integers(-2, 8))
 
 
 @settings(max_examples=200, deadline=None)
