@@ -46,7 +46,7 @@ from gateway.registry import (
     TrustAnchor,
     TrustAnchorKind,
 )
-from gateway.service import RunOptions, build_runner
+from gateway.service import FLEET_STATE_REFRESH_S, RunOptions, build_runner
 from gateway.state import Workspace, default_home, init_workspace, open_workspace
 from protocol import bundles, cbor, cose, ids, image, keys, psa
 from protocol.bundles import ComponentType
@@ -216,14 +216,30 @@ def init(ctx: click.Context, home: Path | None, kms_spec: str | None, as_json: b
 @click.option("--broker", "broker_url", required=True, help="mqtt://HOST[:PORT]")
 @click.option("--kms", "kms_spec", default=None, help="KMS spec (default: the workspace's).")
 @click.option("--share-group", default=None, help="Share the device topics with other gateways.")
+@click.option(
+    "--state-refresh",
+    "state_refresh_s",
+    type=click.IntRange(min=0),
+    default=FLEET_STATE_REFRESH_S,
+    show_default=True,
+    help="Seconds before an unchanged retained fleet state is published again (0: every time).",
+)
 @click.pass_context
 def serve(
-    ctx: click.Context, broker_url: str, kms_spec: str | None, share_group: str | None
+    ctx: click.Context,
+    broker_url: str,
+    kms_spec: str | None,
+    share_group: str | None,
+    state_refresh_s: int,
 ) -> None:
     """Serve attestation, image chunks and status on the broker until SIGTERM or SIGINT."""
     env = _env(ctx)
     workspace = env.workspace()
-    options = RunOptions(broker=parse_broker_url(broker_url), share_group=share_group)
+    options = RunOptions(
+        broker=parse_broker_url(broker_url),
+        share_group=share_group,
+        fleet_state_refresh_s=state_refresh_s,
+    )
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,

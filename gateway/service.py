@@ -66,6 +66,9 @@ _log = logging.getLogger(__name__)
 LOG_INTERVAL_S: Final = 60
 #: How often ``ServiceRunner.run`` checkpoints the SQLite WAL (``db.WalCheckpointer``).
 WAL_CHECKPOINT_EVERY_S: Final = 0.2
+#: By default, a retained fleet state that would differ only in its last-seen time is published
+#: again only once this many seconds (gateway time) have passed since it was last published.
+FLEET_STATE_REFRESH_S: Final = 60
 #: Devices whose rate-limit buckets are remembered (least recently seen forgotten first).
 MAX_TRACKED_DEVICES: Final = 100_000
 INTERNAL_ERROR: Final = "internal.error"
@@ -165,6 +168,9 @@ class _FleetEntry:
     status: str | None = None
     firmware: str | None = None
     reasons: tuple[ReasonCode, ...] = ()
+    #: What the last published state showed (all but the time), and when it was published.
+    published: tuple[object, ...] | None = None
+    published_at_s: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +179,8 @@ class ServiceSettings:
 
     prefix: str = topics.DEFAULT_PREFIX
     limits: RateLimits = field(default_factory=RateLimits)
+    #: An unchanged fleet state is published again after this many seconds (0: every time).
+    fleet_state_refresh_s: int = FLEET_STATE_REFRESH_S
 
 
 class GatewayService:
@@ -380,7 +388,15 @@ class GatewayService:
         self._publish_state(device, now_s)
 
     def _publish_state(self, device: DeviceId, now_s: int) -> None:
+        """Publish the device's retained state when something in it changed, or when the last one
+        published is ``FLEET_STATE_REFRESH_S`` old: a fleet re-attesting in a steady state does
+        not rewrite every device's retained message at every attestation (``ServiceSettings``)."""
         entry = self._fleet.setdefault(device, _FleetEntry())
+        shown = (entry.verdict, entry.status, entry.firmware, entry.reasons)
+        refresh_s = self._settings.fleet_state_refresh_s
+        if shown == entry.published and now_s - entry.published_at_s < refresh_s:
+            return
+        entry.published, entry.published_at_s = shown, now_s
         state = messages.FleetState(
             device=device,
             verdict=entry.verdict,
@@ -482,6 +498,7 @@ class RunOptions:
     checkpoint_every_s: float = 30.0
     connect_timeout_s: float = 10.0
     limits: RateLimits = field(default_factory=RateLimits)
+    fleet_state_refresh_s: int = FLEET_STATE_REFRESH_S
 
 
 class ServiceRunner:
@@ -529,7 +546,11 @@ class ServiceRunner:
             self.client,
             recorder=HooksRecorder(hooks),
             commands=commands,
-            settings=ServiceSettings(prefix=options.prefix, limits=options.limits),
+            settings=ServiceSettings(
+                prefix=options.prefix,
+                limits=options.limits,
+                fleet_state_refresh_s=options.fleet_state_refresh_s,
+            ),
             clock=clock,
             randomness=randomness,
         )

@@ -35,6 +35,7 @@ from gateway.mqtt import MqttClient, parse_broker_url
 from gateway.policy import RegistryPolicy
 from gateway.registry import Registry
 from gateway.service import (
+    FLEET_STATE_REFRESH_S,
     Bucket,
     GatewayService,
     HooksRecorder,
@@ -352,6 +353,50 @@ def test_status_updates_the_retained_fleet_state(world: World) -> None:
     finally:
         watcher.stop()
     assert (state.status, state.firmware, state.verdict) == ("running", "1.2.0", None)
+
+
+@pytest.mark.parametrize("refresh_s", [FLEET_STATE_REFRESH_S, 0])
+def test_fleet_state_is_published_on_change_and_at_most_once_a_minute_otherwise(
+    world: World, refresh_s: int
+) -> None:
+    """An unchanged state (only its last-seen time moves) is not published again within the
+    refresh interval (FLEET_STATE_REFRESH_S by default); a change is published at once; with an
+    interval of 0 every state is published."""
+    fleet_device = world.fleet.make_device("dev-0007")
+    enroll(world.registry, world.fleet, fleet_device)
+    published = _Published()
+    now = [100.0]
+    policy = RegistryPolicy(world.registry)
+    hooks = RegistryHooks(world.registry, world.ledger, world.kms, policy, lambda: int(now[0]))
+    signer = world.kms.result_signer()
+    service = GatewayService(
+        policy().verifier_config(secret=bytes(32), result_signer=signer),
+        hooks,
+        world.registry,
+        published,
+        recorder=HooksRecorder(hooks),
+        commands=CommandIssuer(world.registry, world.ledger, signer, clock=lambda: now[0]),
+        settings=ServiceSettings(fleet_state_refresh_s=refresh_s),
+        clock=lambda: now[0],
+        randomness=os.urandom,
+    )
+    topic = topics.status_up(fleet_device.device_id)
+
+    def status_at(at_s: float, version: str) -> list[int]:
+        now[0] = at_s
+        published.messages.clear()
+        service.handle(topic, messages.Status("running", version, (), 1, True).encode())
+        return [messages.FleetState.decode(p).last_seen_s for _, p, retain in published.messages]
+
+    if refresh_s == 0:
+        assert [status_at(at, "1.2.0") for at in (100, 100, 101)] == [[100], [100], [101]]
+        return
+    assert status_at(100, "1.2.0") == [100]
+    assert status_at(110, "1.2.0") == []  # nothing but the time changed
+    assert status_at(111, "1.3.0") == [111]  # a change: at once
+    assert status_at(111 + refresh_s - 1, "1.3.0") == []
+    assert status_at(111 + refresh_s, "1.3.0") == [111 + refresh_s]
+    assert all(retain for _, _, retain in published.messages)
 
 
 # --- fuzzing -------------------------------------------------------------------------------------

@@ -77,6 +77,10 @@ class Settings:
     measured: int = 2000
     concurrency: int = 16
     profile_total: int = 1000
+    #: ``serve --state-refresh``. 0: every verdict publishes the device's retained state, as in a
+    #: fleet re-attesting less often than once a minute; here each device re-attests every few
+    #: seconds, and the gateway's default (60 s) would skip most of those publishes.
+    state_refresh_s: int = 0
 
 
 # --- the fleet ---------------------------------------------------------------------------------
@@ -179,10 +183,12 @@ def _read_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
 
 
 @contextlib.contextmanager
-def serving(workspace: Workspace, broker: Broker) -> Iterator[subprocess.Popen[str]]:
+def serving(
+    workspace: Workspace, broker: Broker, state_refresh_s: int
+) -> Iterator[subprocess.Popen[str]]:
     """``python -m gateway serve`` on the workspace's SQLite, until SIGTERM at the end."""
     command = [sys.executable, "-m", "gateway", "--home", str(workspace.home)]
-    command += ["serve", "--broker", broker.url]
+    command += ["serve", "--broker", broker.url, "--state-refresh", str(state_refresh_s)]
     proc = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT
     )
@@ -312,7 +318,10 @@ def profile_gateway(
     pyspy = Path(sys.executable).parent / "py-spy"
     if not pyspy.exists():
         return None
-    with tempfile.TemporaryDirectory() as tmp, serving(workspace, broker) as gateway:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        serving(workspace, broker, settings.state_refresh_s) as gateway,
+    ):
         raw = Path(tmp) / "gateway.raw"
         command = [str(pyspy), "record", "--pid", str(gateway.pid), "--format", "raw"]
         command += ["--rate", "250", "--idle", "--nonblocking", "-o", str(raw)]
@@ -376,7 +385,9 @@ class InProcess:
     by_statement: Counter[str]
 
 
-def in_process(workspace: Workspace, fleet_path: Path, count: int) -> InProcess:
+def in_process(
+    workspace: Workspace, fleet_path: Path, count: int, state_refresh_s: int
+) -> InProcess:
     """Drive ``count`` attestations straight into ``GatewayService.handle`` (no broker, no
     paho; evidence signed outside the timed calls) and count the SQL it runs."""
     fleet = load_fleet(fleet_path)
@@ -405,7 +416,9 @@ def in_process(workspace: Workspace, fleet_path: Path, count: int) -> InProcess:
             publisher,
             recorder=HooksRecorder(hooks),
             commands=CommandIssuer(registry, ledger, signer, clock=time.time),
-            settings=ServiceSettings(limits=RateLimits(attest=unlimited)),
+            settings=ServiceSettings(
+                limits=RateLimits(attest=unlimited), fleet_state_refresh_s=state_refresh_s
+            ),
             clock=time.time,
             randomness=os.urandom,
         )
@@ -508,9 +521,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measured", type=int, default=default.measured)
     parser.add_argument("--warmup", type=int, default=default.warmup)
     parser.add_argument("--concurrency", type=int, default=default.concurrency)
+    parser.add_argument(
+        "--state-refresh",
+        type=int,
+        default=default.state_refresh_s,
+        help="the gateway's --state-refresh (default 0: a state published at every verdict)",
+    )
     parser.add_argument("--no-profile", action="store_true")
     args = parser.parse_args(argv)
-    settings = Settings(args.devices, args.warmup, args.measured, args.concurrency)
+    settings = Settings(
+        args.devices,
+        args.warmup,
+        args.measured,
+        args.concurrency,
+        state_refresh_s=args.state_refresh,
+    )
     console = Console()
     raw = crypto_bound()
     bound = combined(raw["es256_verify"], raw["hpke_seal"], raw["es256_sign"], raw["es256_sign"])
@@ -523,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
             f"enrolled {settings.devices} devices in {time.perf_counter() - started:.1f} s"
         )
         with running_mosquitto() as broker:
-            with serving(workspace, broker) as gateway:
+            with serving(workspace, broker, settings.state_refresh_s) as gateway:
                 total = settings.warmup + settings.measured
                 cpu_before, wall_before = _cpu_s(gateway.pid), time.perf_counter()
                 load = run_load(broker, fleet_path, total, settings.concurrency)
@@ -531,7 +556,9 @@ def main(argv: list[str] | None = None) -> int:
             profile = None
             if not args.no_profile:
                 profile = profile_gateway(workspace, broker, fleet_path, settings)
-        alone = in_process(workspace, fleet_path, min(400, settings.devices))
+        alone = in_process(
+            workspace, fleet_path, min(400, settings.devices), settings.state_refresh_s
+        )
         commit_normal = sqlite_commit_rate(Path(tmp), "NORMAL")
     if not load.finished or len(load.ended_at) < total:
         console.print(f"[red]the load did not finish: {load.outcomes}[/red]")
@@ -549,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     ok = report("edgeseal gateway benchmark", figures)
     console.print(
         f"attestations: {settings.measured} measured after {settings.warmup} warm-up, "
-        f"{settings.devices} devices, {settings.concurrency} in flight; outcomes {load.outcomes}"
+        f"{settings.devices} devices, {settings.concurrency} in flight, state refresh "
+        f"{settings.state_refresh_s} s; outcomes {load.outcomes}"
     )
     console.print(
         f"first attestations (the warm-up: certificate chains checked, caches filled): "
