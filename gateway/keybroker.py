@@ -36,7 +36,7 @@ from gateway.appraisal import AppraisalOutcome
 from gateway.kms import Kms
 from gateway.ledger import Ledger, LedgerEvent, LedgerKind
 from gateway.policy import Policy
-from gateway.registry import ReceiptRecord, Registry, ReleaseRecord
+from gateway.registry import DeviceRecord, ReceiptRecord, Registry, ReleaseRecord
 from protocol import cbor
 from protocol.bundles import unwrap_release_cek
 from protocol.errors import VerificationError
@@ -265,6 +265,7 @@ class KeyBroker:
 
     def _recheck_in(self, conn: Connection, verdict: ReleasableVerdict) -> ReleaseRecord:
         """``_recheck`` inside the caller's transaction."""
+        _recheck_device(self._registry.find_device_in(conn, verdict.device_id))
         release = self._registry.find_release_in(conn, verdict.release.release_id)
         return _recheck_rule(
             verdict, release, lambda: self._registry.epoch_in(conn, verdict.product)
@@ -281,6 +282,7 @@ class KeyBroker:
 
     def _recheck(self, verdict: ReleasableVerdict) -> ReleaseRecord:
         """Check the rule again against the registry now, not the appraisal's snapshot."""
+        _recheck_device(self._registry.find_device(verdict.device_id))
         release = self._registry.find_release(verdict.release.release_id)
         return _recheck_rule(verdict, release, lambda: self._registry.epoch(verdict.product))
 
@@ -313,6 +315,15 @@ def _release_body(session_id: SessionId, release_id: str, receipt: bytes) -> byt
 
 
 _RELEASE_BODY_ORDER: Final = cbor.canonical_order(("v", "session_id", "release_id", "receipt"))
+
+
+def _recheck_device(device: DeviceRecord | None) -> None:
+    """Refuse a device revoked (or gone) since the appraisal read it."""
+    if device is None or device.revoked:
+        raise KeyReleaseRefused(
+            "key release: the device was revoked after its appraisal read it",
+            ReasonCode.DEVICE_REVOKED,
+        )
 
 
 def _recheck_rule(

@@ -435,6 +435,12 @@ class Registry:
             row = _SELECT_DEVICE.first(conn, {"device_id": device})
         return None if row is None else _device(row)
 
+    @staticmethod
+    def find_device_in(conn: Connection, device: DeviceId) -> DeviceRecord | None:
+        """``find_device`` inside the caller's transaction ``conn``."""
+        row = _SELECT_DEVICE.first(conn, {"device_id": device})
+        return None if row is None else _device(row)
+
     def iak_points(self, device: DeviceId) -> tuple[bytes, bytes] | None:
         """The enrolled IAK points of ``device`` (SECURED class, debug class), or None when it
         is not enrolled: what a verifier needs of a device, without the rest of its row."""

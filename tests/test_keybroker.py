@@ -154,9 +154,11 @@ def test_broker_rechecks_the_epoch_at_run_time(gateway: Gateway) -> None:
 
 class RacingRegistry(Registry):
     """A registry whose epoch another process raises while an appraisal is under way: right
-    after the appraisal read its snapshot, inside the appraisal's write transaction."""
+    after the appraisal read its snapshot, inside the appraisal's write transaction (or, with
+    ``revoke``, that revokes the device)."""
 
     raiser: threading.Thread | None = None
+    revoke = False
 
     def __init__(self, engine: Engine) -> None:
         """A registry on ``engine``, and another connection pool to the same database (the other
@@ -172,11 +174,16 @@ class RacingRegistry(Registry):
         """The snapshot; meanwhile another connection raises the epoch (and commits)."""
         snapshot = super().appraisal_snapshot_in(conn, device)
         assert snapshot is not None
-        self.raiser = threading.Thread(
-            target=self.other.set_epoch,
-            args=(snapshot.device.product, snapshot.epoch + 1),
-            kwargs={"now_s": 0},
-        )
+        if self.revoke:
+            self.raiser = threading.Thread(
+                target=self.other.revoke_device, args=(device,), kwargs={"reason": "x", "now_s": 0}
+            )
+        else:
+            self.raiser = threading.Thread(
+                target=self.other.set_epoch,
+                args=(snapshot.device.product, snapshot.epoch + 1),
+                kwargs={"now_s": 0},
+            )
         self.raiser.start()
         self.raiser.join(RAISE_WAIT_S)
         return snapshot
@@ -198,6 +205,25 @@ def test_epoch_raised_during_the_appraisal_refuses_the_key(
         exchange = attest(gw, rng, hooks=hooks)
         assert racing.raiser is not None and not racing.raiser.is_alive()
         assert_refused(gw, exchange, ReasonCode.IMAGE_BELOW_EPOCH)
+    finally:
+        racing.close()
+        gw.registry.engine.dispose()
+
+
+def test_device_revoked_during_the_appraisal_gets_no_key(
+    tmp_path: Path, clock: FakeClock, rng: random.Random, pg_url: str
+) -> None:
+    """PostgreSQL: the device is revoked after the appraisal read it; the broker reads the device
+    again under the ledger lock and refuses as device.revoked, with no receipt."""
+    gw = build_gateway(pg_url, tmp_path / "gateway.key", clock)
+    racing = RacingRegistry(gw.registry.engine)
+    racing.revoke = True
+    hooks = RegistryHooks(racing, gw.ledger, gw.kms, lambda: gw.policy, lambda: gw.clock.now_s)
+    try:
+        exchange = attest(gw, rng, hooks=hooks)
+        assert racing.raiser is not None and not racing.raiser.is_alive()
+        assert_refused(gw, exchange, ReasonCode.DEVICE_REVOKED)
+        assert gw.registry.receipts(DEVICE) == ()
     finally:
         racing.close()
         gw.registry.engine.dispose()
