@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -275,23 +275,31 @@ def test_rate_limiter_forgets_the_least_recent_devices() -> None:
     assert not limiter.allow(DeviceId("c"), topics.Channel.ATTEST, 0.0)
 
 
-def test_rate_limited_hello_is_answered_rate_limited(world: World) -> None:
-    """Over its budget, a device's hello gets a ``rate.limited`` refusal and nothing else runs."""
-    published = _Published()
+def _core_service(
+    world: World, published: _Published, settings: ServiceSettings, clock: Callable[[], float]
+) -> GatewayService:
+    """A ``GatewayService`` on ``world``'s registry that publishes into ``published``."""
     policy = RegistryPolicy(world.registry)
-    hooks = RegistryHooks(world.registry, world.ledger, world.kms, policy, lambda: 100)
+    hooks = RegistryHooks(world.registry, world.ledger, world.kms, policy, lambda: int(clock()))
     signer = world.kms.result_signer()
-    service = GatewayService(
+    return GatewayService(
         policy().verifier_config(secret=bytes(32), result_signer=signer),
         hooks,
         world.registry,
         published,
         recorder=HooksRecorder(hooks),
-        commands=CommandIssuer(world.registry, world.ledger, signer, clock=lambda: 100.0),
-        settings=ServiceSettings(limits=RateLimits(attest=Bucket(capacity=1, per_s=0))),
-        clock=lambda: 100.0,
+        commands=CommandIssuer(world.registry, world.ledger, signer, clock=clock),
+        settings=settings,
+        clock=clock,
         randomness=os.urandom,
     )
+
+
+def test_rate_limited_hello_is_answered_rate_limited(world: World) -> None:
+    """Over its budget, a device's hello gets a ``rate.limited`` refusal and nothing else runs."""
+    published = _Published()
+    limits = RateLimits(attest=Bucket(capacity=1, per_s=0))
+    service = _core_service(world, published, ServiceSettings(limits=limits), lambda: 100.0)
     hello = messages.Hello(SessionId(bytes(16)), (), None, messages.HelloState.BOOT)
     topic = topics.attest_up("dev-x")
     service.handle(topic, hello.encode())
@@ -366,20 +374,8 @@ def test_fleet_state_is_published_on_change_and_at_most_once_a_minute_otherwise(
     enroll(world.registry, world.fleet, fleet_device)
     published = _Published()
     now = [100.0]
-    policy = RegistryPolicy(world.registry)
-    hooks = RegistryHooks(world.registry, world.ledger, world.kms, policy, lambda: int(now[0]))
-    signer = world.kms.result_signer()
-    service = GatewayService(
-        policy().verifier_config(secret=bytes(32), result_signer=signer),
-        hooks,
-        world.registry,
-        published,
-        recorder=HooksRecorder(hooks),
-        commands=CommandIssuer(world.registry, world.ledger, signer, clock=lambda: now[0]),
-        settings=ServiceSettings(fleet_state_refresh_s=refresh_s),
-        clock=lambda: now[0],
-        randomness=os.urandom,
-    )
+    settings = ServiceSettings(fleet_state_refresh_s=refresh_s)
+    service = _core_service(world, published, settings, lambda: now[0])
     topic = topics.status_up(fleet_device.device_id)
 
     def status_at(at_s: float, version: str) -> list[int]:

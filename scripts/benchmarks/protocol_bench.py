@@ -91,18 +91,22 @@ def main() -> int:
     token = psa.sign_token(_claims(bytes(32), iak), iak)
     cek = os.urandom(32)
     cls = class_id(product("bench"))
-    sealed = image.seal_image(
-        payload,
-        cek=cek,
-        iv=os.urandom(12),
-        key_id=bytes(16),
-        vendor_key=vendor,
-        class_id=cls,
-        version="1.0.0",
-        security_counter=1,
-        min_runtime_version="1.0.0",
-        created_s=NOW,
-    )
+
+    def seal(iv: bytes) -> bytes:
+        return image.seal_image(
+            payload,
+            cek=cek,
+            iv=iv,
+            key_id=bytes(16),
+            vendor_key=vendor,
+            class_id=cls,
+            version="1.0.0",
+            security_counter=1,
+            min_runtime_version="1.0.0",
+            created_s=NOW,
+        )
+
+    sealed = seal(os.urandom(12))
     parsed = image.parse_unverified_image(sealed)
     vendors = {keys.signer_id(vendor.public_key()): vendor.public_key()}
     enclave = x25519.X25519PrivateKey.generate()
@@ -152,18 +156,7 @@ def main() -> int:
     operations: dict[str, Callable[[], object]] = {
         "token sign": lambda: psa.sign_token(_claims(bytes(32), iak), iak),
         "token verify": lambda: psa.verify_token(token, iak.public_key()),
-        "image seal (1 MiB)": lambda: image.seal_image(
-            payload,
-            cek=cek,
-            iv=bytes(12),
-            key_id=bytes(16),
-            vendor_key=vendor,
-            class_id=cls,
-            version="1.0.0",
-            security_counter=1,
-            min_runtime_version="1.0.0",
-            created_s=NOW,
-        ),
+        "image seal (1 MiB)": lambda: seal(bytes(12)),
         "image open (1 MiB)": lambda: image.open_image(
             image.parse_unverified_image(sealed),
             cek,

@@ -41,17 +41,18 @@ class Figure:
 def rate(fn: Callable[[], object], *, min_time_s: float = 0.3, repeats: int = 5) -> float:
     """Operations per second of ``fn``: the best of ``repeats`` runs of at least ``min_time_s``."""
     fn()
-    best = 0.0
-    for _ in range(repeats):
-        count, start = 0, time.perf_counter()
-        while True:
-            fn()
-            count += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_time_s:
-                break
-        best = max(best, count / elapsed)
-    return best
+    return max(_burst(fn, min_time_s) for _ in range(repeats))
+
+
+def _burst(fn: Callable[[], object], seconds: float) -> float:
+    """Operations per second of ``fn`` called in a loop for at least ``seconds``."""
+    count, start = 0, time.perf_counter()
+    while True:
+        fn()
+        count += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return count / elapsed
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,14 +96,7 @@ def bursts_interleaved(
     bursts: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            count, start = 0, time.perf_counter()
-            while True:
-                fn()
-                count += 1
-                elapsed = time.perf_counter() - start
-                if elapsed >= burst_s:
-                    break
-            bursts[name].append(count / elapsed)
+            bursts[name].append(_burst(fn, burst_s))
     return Bursts(bursts)
 
 
