@@ -22,6 +22,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -130,6 +131,56 @@ def take_write_lock(conn: Connection, lock_key: int) -> None:
         return
     with _translated():
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(lock_key)))
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeMark:
+    """Where one SQLite connection's view of the database stands (``change_mark``).
+
+    Two marks of one connection are equal only when nothing was committed in between: not by
+    another connection or process (``PRAGMA data_version`` moves), nor by this connection
+    (``total_changes`` counts every row it inserted, updated or deleted, rolled back ones too:
+    at worst a change is seen where there was none). A cache of what the database held may be
+    kept under a mark and used while a later mark equals it.
+    """
+
+    connection: sqlite3.Connection
+    data_version: int
+    total_changes: int
+
+    def after_own_writes(self) -> ChangeMark:
+        """The mark once this transaction's own writes are counted in, for after its commit.
+
+        Taken inside the write transaction that ``change_mark`` marked: nobody else can commit
+        while it holds SQLite's writer lock, so only this connection's own changes moved.
+        """
+        return ChangeMark(self.connection, self.data_version, self.connection.total_changes)
+
+
+def change_mark(conn: Connection) -> ChangeMark | None:
+    """The ``ChangeMark`` of ``conn``, inside a ``write_transaction`` on SQLite; None on
+    PostgreSQL, where no such mark exists and a cache must not be trusted.
+
+    Raises:
+        sqlalchemy.exc.DBAPIError: the database refused (as ``conn.execute`` would).
+    """
+    if not is_sqlite_connection(conn):
+        return None
+    driver = conn.connection.driver_connection
+    if not isinstance(driver, sqlite3.Connection):
+        raise TypeError("change_mark: expected a sqlite3 driver connection")
+    cursor = driver.cursor()
+    _announce(conn, cursor, _DATA_VERSION, (), many=False)
+    try:
+        (version,) = cursor.execute(_DATA_VERSION).fetchone()
+    except sqlite3.Error as err:
+        raise exc.DBAPIError.instance(_DATA_VERSION, None, err, sqlite3.Error) from err
+    finally:
+        cursor.close()
+    return ChangeMark(driver, int(version), driver.total_changes)
+
+
+_DATA_VERSION: Final = "PRAGMA data_version"
 
 
 @contextmanager

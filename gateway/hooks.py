@@ -14,21 +14,24 @@ Refusals the verifier session makes before any appraisal (unknown device, bad si
 challenge expired or replayed) never reach ``appraise``; the MQTT service records them with
 ``record_rejection``.
 
-The hooks keep no state of their own beyond pure caches (the key broker's unwrapped CEKs, the
-appraisal's verified certificates): two gateway processes may use two instances on one database
-at once. The registry makes each step atomic; ledger appends are serialized by the ledger.
+The hooks keep no state of their own beyond caches (the key broker's unwrapped CEKs, the
+appraisal's verified certificates, and on SQLite the snapshots and ledger head of
+``gateway.hotcache``, used only while the database provably has not changed): two gateway
+processes may use two instances on one database at once. The registry makes each step atomic;
+ledger appends are serialized by the ledger.
 
 The hot path (registry and ledger on one engine, as in the gateway) is ONE write transaction.
-It reads what the appraisal judges — the device, anchors, reference values, epoch, assignment and
-the newest stored policy (``Registry.appraisal_snapshot_in``) — appraises, takes the ledger lock
-(``db.take_write_lock``; on SQLite the writer lock is held from the start), then writes: first
-the challenge marked used (a replay fails there, before any key is touched, and rolls
-everything back), then the key broker's run-time recheck (on PostgreSQL it reads the release and
-the epoch again under the lock), the receipt, the verdict, both ledger entries (release, then
-verdict; one head read) and the counters — so a used challenge, its verdict, its receipt and
-their ledger entries are kept together or not at all. With the registry and the ledger on two
-engines the challenge is marked used in its own transaction first, then each step is its own
-transaction.
+It reads what the appraisal judges — the device, anchors, reference values, epoch, assignment
+and the newest stored policy (``Registry.appraisal_snapshot_in``; on SQLite kept from an
+earlier transaction when nothing was committed since, ``gateway.hotcache``) — appraises, takes
+the ledger lock (``db.take_write_lock``; on SQLite the writer lock is held from the start), then
+writes: first the challenge marked used (a replay fails there, before any key is touched, and
+rolls everything back), then the key broker's run-time recheck (on PostgreSQL it reads the
+release and the epoch again under the lock), the receipt, the verdict, both ledger entries
+(release, then verdict; one head read, or the head kept) and the counters — so a used
+challenge, its verdict, its receipt and their ledger entries are kept together or not at all.
+With the registry and the ledger on two engines the challenge is marked used in its own
+transaction first, then each step is its own transaction.
 """
 
 from __future__ import annotations
@@ -43,9 +46,10 @@ from sqlalchemy.engine import Connection
 from gateway import db
 from gateway.appraisal import AppraisalOutcome, FindRelease, appraise, failure, unknown_device
 from gateway.explain import explain_reasons, explanation_json
+from gateway.hotcache import SnapshotCache
 from gateway.keybroker import BrokeredRelease, KeyBroker, KeyReleaseRefused, releasable_verdict
 from gateway.kms import Kms
-from gateway.ledger import LEDGER_LOCK_KEY, Ledger, LedgerEvent, LedgerKind
+from gateway.ledger import LEDGER_LOCK_KEY, Ledger, LedgerEvent, LedgerHead, LedgerKind
 from gateway.policy import Policy, PolicyProvider, RegistryPolicy, policy_of_record
 from gateway.registry import (
     AppraisalSnapshot,
@@ -74,7 +78,16 @@ Clock = Callable[[], int]
 class RegistryHooks:
     """``VerifierHooks`` over the registry, the ledger and the KMS."""
 
-    __slots__ = ("_broker", "_clock", "_keys", "_keys_lock", "_ledger", "_policy", "_registry")
+    __slots__ = (
+        "_broker",
+        "_cache",
+        "_clock",
+        "_keys",
+        "_keys_lock",
+        "_ledger",
+        "_policy",
+        "_registry",
+    )
 
     def __init__(
         self,
@@ -98,6 +111,7 @@ class RegistryHooks:
         self._broker = KeyBroker(registry, ledger, kms)
         self._keys: OrderedDict[DeviceId, DeviceKeys] = OrderedDict()
         self._keys_lock = threading.Lock()
+        self._cache = SnapshotCache()
 
     def device_keys(self, device_id: DeviceId) -> DeviceKeys | None:
         """The enrolled IAKs of ``device_id`` (revoked devices too: the appraisal refuses them).
@@ -183,11 +197,25 @@ class RegistryHooks:
     # --- the hot path: one read snapshot, one write transaction
 
     def _appraise_in_one_transaction(self, request: AppraisalRequest) -> Appraisal:
+        try:
+            return self._appraise_in_transaction(request)
+        except BaseException:
+            self._cache.forget()
+            raise
+
+    def _appraise_in_transaction(self, request: AppraisalRequest) -> Appraisal:
         now_s = request.now_s
         challenge = request.challenge
         engine = self._registry.engine
+        cache = self._cache
         with db.write_transaction(engine) as conn:
-            snapshot = self._registry.appraisal_snapshot_in(conn, request.device_id)
+            opened = db.change_mark(conn)
+            cache.open(opened)
+            snapshot = cache.snapshot(opened, request.device_id)
+            if snapshot is None:
+                snapshot = self._registry.appraisal_snapshot_in(conn, request.device_id)
+                if snapshot is not None:
+                    cache.keep_snapshot(opened, snapshot)
             policy = self._policy_with(snapshot)
             if snapshot is None:
                 outcome = unknown_device(request, policy)
@@ -218,8 +246,9 @@ class RegistryHooks:
             )
             self._registry.record_verdict_in(conn, record)
             events.append(LedgerEvent(LedgerKind.VERDICT, _verdict_body(record), record.device_id))
-            self._ledger.append_in(conn, events, now_s=now_s)
+            entries = self._ledger.append_in(conn, events, now_s=now_s, head=cache.head(opened))
             platform = request.claims.platform
+            changed = None
             if (
                 outcome.status is not Status.CONTRAINDICATED
                 and platform is not None
@@ -229,6 +258,10 @@ class RegistryHooks:
                 self._registry.raise_counters_in(
                     conn, request.device_id, dict(platform.fuse_counters)
                 )
+                changed = request.device_id
+            after = None if opened is None else opened.after_own_writes()
+        last = entries[-1]
+        cache.committed(opened, after, head=LedgerHead(last.seq, last.entry_hash), changed=changed)
         if brokered is None:
             return outcome.to_appraisal()
         return outcome.to_appraisal(brokered.key_release, brokered.lease)

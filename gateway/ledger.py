@@ -252,15 +252,21 @@ class Ledger:
 
     @staticmethod
     def append_in(
-        conn: Connection, events: Sequence[LedgerEvent], *, now_s: int
+        conn: Connection,
+        events: Sequence[LedgerEvent],
+        *,
+        now_s: int,
+        head: LedgerHead | None = None,
     ) -> tuple[LedgerEntry, ...]:
         """Append ``events`` in order inside the caller's write transaction ``conn``.
 
         ``conn`` must come from ``db.write_transaction(engine, lock_key=LEDGER_LOCK_KEY)`` on
         this ledger's engine: the lock (``BEGIN IMMEDIATE`` on SQLite, the advisory lock on
         PostgreSQL) serializes every writer, so the head read here, once per call, is the head
-        of the one chain every process shares. The entries are committed (or rolled back) with
-        the caller's transaction.
+        of the one chain every process shares. A caller that knows the head under that lock
+        (``gateway.hotcache``) passes it as ``head`` and none is read; a stale one would clash
+        on the next sequence number, the primary key, and roll the transaction back. The entries
+        are committed (or rolled back) with the caller's transaction.
 
         Raises:
             ValueError: a body is not canonical CBOR, or too large.
@@ -271,7 +277,8 @@ class Ledger:
             _check_body(body)
         if not checked:
             return ()
-        head = _head(conn)
+        if head is None:
+            head = _head(conn)
         seq, prev = head.seq, head.entry_hash
         entries: list[LedgerEntry] = []
         for kind, body, device in checked:
