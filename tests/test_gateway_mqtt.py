@@ -77,3 +77,34 @@ def test_a_burst_larger_than_the_socket_buffer_arrives_whole(broker: Broker) -> 
     finally:
         publisher.stop()
         subscriber.stop()
+
+
+def test_packets_read_together_are_all_delivered_at_once(broker: Broker) -> None:
+    """While the subscriber is busy with its first message, hundreds more (small ones, and some
+    of 64 KiB and more) pile up in its socket. Once it is free, each is delivered whole, in
+    order, without waiting for more traffic."""
+    prefix = f"t-{uuid.uuid4().hex[:8]}"
+    received: queue.Queue[bytes] = queue.Queue()
+    release = threading.Event()
+
+    def on_message(_topic: str, payload: bytes) -> None:
+        release.wait(WAIT_S)  # the first message holds the network thread until all are sent
+        received.put(payload)
+
+    subscriber = _client(broker, subscriptions=(f"{prefix}/pile",), on_message=on_message)
+    subscriber.start()
+    publisher = _client(broker)
+    publisher.start()
+    sizes = [1 + (index * 7919) % 3000 for index in range(300)]
+    sizes[100] = sizes[200] = 70_000
+    payloads = [index.to_bytes(2, "big") * (size // 2 + 1) for index, size in enumerate(sizes)]
+    try:
+        for payload in payloads:
+            publisher.publish_and_wait(f"{prefix}/pile", payload, qos=0)
+        release.set()
+        got = [received.get(timeout=5.0) for _ in payloads]
+        assert got == payloads
+    finally:
+        release.set()
+        publisher.stop()
+        subscriber.stop()
