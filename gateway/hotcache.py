@@ -26,8 +26,9 @@ from gateway.ledger import LedgerHead
 from gateway.registry import AppraisalSnapshot
 from protocol.ids import DeviceId
 
-#: Appraisal snapshots kept (least recently used dropped first).
-SNAPSHOT_CACHE_SIZE: Final = 100_000
+#: Appraisal snapshots kept (least recently used dropped first): about 3.6 kB each for a device
+#: with two certificates, one CA and two reference values, so ~36 MB when full.
+SNAPSHOT_CACHE_SIZE: Final = 10_000
 
 
 class SnapshotCache:

@@ -2,9 +2,10 @@
 
 One ``python -m gateway serve`` process on SQLite and a private mosquitto; a separate load
 generator process (``scripts.benchmarks.loadgen``) signs evidence live for each challenge for
-many enrolled devices. The rate is the steady state: every device has attested once in the
-warm-up (its certificate chain checked and cached), as in a fleet that re-attests; the warm-up's
-own rate (first attestations) is printed too. Beside the rate: the gateway-side crypto bound
+many enrolled devices. The rate is the steady state: every device has attested twice in the
+warm-up (its certificate chain checked and cached, its counters stored, its appraisal snapshot
+kept), as in a fleet that re-attests; the rate of the first round (first attestations) is
+printed too. Beside the rate: the gateway-side crypto bound
 (ES256 verify + HPKE seal + 2 × ES256 sign) measured in this run, the ratio, p50/p99 latency, and
 a py-spy profile of a second, shorter run (where the gateway's time goes). Exit 1 when a target
 is missed.
@@ -71,9 +72,11 @@ class Settings:
     """The bench's shape."""
 
     devices: int = 1000
-    #: One attestation per device (round robin): the warm-up holds every first attestation, whose
-    #: device certificate chain is checked (an ES256 verify outside the bound) and then cached.
-    warmup: int = 1000
+    #: Two attestations per device (round robin). The first checks the device certificate chain
+    #: (an ES256 verify outside the bound, then cached) and stores the fuse counters, which drops
+    #: the device's appraisal snapshot from the gateway's cache (gateway.hotcache); the second
+    #: keeps its snapshot. From then on each attestation is as in a fleet that re-attests.
+    warmup: int = 2000
     measured: int = 2000
     concurrency: int = 16
     profile_total: int = 1000
@@ -570,7 +573,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     ended = load.ended_at
     steady = settings.measured / (ended[total - 1] - ended[settings.warmup - 1])
-    first = (settings.warmup - 1) / max(ended[settings.warmup - 1] - ended[0], 1e-9)
+    first_round = min(settings.devices, settings.warmup)
+    first = (first_round - 1) / max(ended[first_round - 1] - ended[0], 1e-9)
     latencies = [s * 1000 for s in load.latencies_s[settings.warmup :]]
     figures = [
         Figure("ES256 sign", raw["es256_sign"]),
@@ -585,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{settings.state_refresh_s} s; outcomes {load.outcomes}"
     )
     console.print(
-        f"first attestations (the warm-up: certificate chains checked, caches filled): "
+        f"first attestations (the warm-up's first round: certificate chains checked, counters "
+        f"stored): "
         f"{first:,.0f}/s"
     )
     console.print(
