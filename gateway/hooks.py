@@ -87,6 +87,7 @@ class RegistryHooks:
         "_ledger",
         "_policy",
         "_registry",
+        "_writer",
     )
 
     def __init__(
@@ -112,6 +113,11 @@ class RegistryHooks:
         self._keys: OrderedDict[DeviceId, DeviceKeys] = OrderedDict()
         self._keys_lock = threading.Lock()
         self._cache = SnapshotCache()
+        self._writer = db.PinnedWriter(registry.engine)
+
+    def close(self) -> None:
+        """Give back the connection the hot path keeps (``db.PinnedWriter``)."""
+        self._writer.close()
 
     def device_keys(self, device_id: DeviceId) -> DeviceKeys | None:
         """The enrolled IAKs of ``device_id`` (revoked devices too: the appraisal refuses them).
@@ -208,7 +214,7 @@ class RegistryHooks:
         challenge = request.challenge
         engine = self._registry.engine
         cache = self._cache
-        with db.write_transaction(engine) as conn:
+        with self._writer.transaction() as conn:
             opened = db.change_mark(conn)
             cache.open(opened)
             snapshot = cache.snapshot(opened, request.device_id)

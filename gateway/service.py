@@ -522,6 +522,7 @@ class ServiceRunner:
         ``wal`` checkpoints the SQLite WAL from ``run``'s thread (``db.WalCheckpointer``).
         """
         self._registry = registry
+        self._hooks = hooks
         self._wal = wal
         self._ledger = ledger
         self._signer = signer
@@ -604,8 +605,9 @@ class ServiceRunner:
             _log.warning("housekeeping failed: %s", err)
 
     def close(self) -> None:
-        """Disconnect and sign a last checkpoint."""
+        """Disconnect, sign a last checkpoint and give back the hot path's connection."""
         self.client.stop()
+        self._hooks.close()
         self.checkpoint()
         if self._wal is not None:
             self._checkpoint_wal()

@@ -95,6 +95,106 @@ def test_postgresql_has_no_change_mark(pg_url: str) -> None:
         engine.dispose()
 
 
+# --- db.PinnedWriter ----------------------------------------------------------------------------
+
+
+def _insert_epoch(conn: sa.Connection, product: str) -> None:
+    conn.execute(
+        sa.text("INSERT INTO epochs (product, epoch, set_at_s) VALUES (:p, 1, 0)"), {"p": product}
+    )
+
+
+def _epochs(engine: Engine) -> list[str]:
+    with engine.connect() as conn:
+        return [row[0] for row in conn.execute(sa.text("SELECT product FROM epochs"))]
+
+
+def test_pinned_writer_keeps_one_connection_and_commits(tmp_path: Path) -> None:
+    engine = db.open_engine(f"sqlite:///{tmp_path / 'w.db'}")
+    writer = db.PinnedWriter(engine)
+    try:
+        Registry.open(engine)
+        drivers = []
+        for product in ("a", "b"):
+            with writer.transaction() as conn:
+                drivers.append(conn.connection.driver_connection)
+                _insert_epoch(conn, product)
+        assert drivers[0] is drivers[1]
+        assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]
+        assert sorted(_epochs(engine)) == ["a", "b"]
+        writer.close()
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        writer.close()
+        engine.dispose()
+
+
+def test_pinned_writer_rolls_back_and_goes_on(tmp_path: Path) -> None:
+    engine = db.open_engine(f"sqlite:///{tmp_path / 'w.db'}")
+    writer = db.PinnedWriter(engine)
+    try:
+        Registry.open(engine)
+
+        def fail_midway() -> None:
+            with writer.transaction() as conn:
+                _insert_epoch(conn, "lost")
+                raise RuntimeError("fails mid-transaction")
+
+        with pytest.raises(RuntimeError):
+            fail_midway()
+        with writer.transaction() as conn:
+            _insert_epoch(conn, "kept")
+        assert _epochs(engine) == ["kept"]
+    finally:
+        writer.close()
+        engine.dispose()
+
+
+def test_pinned_writer_replaces_an_invalidated_connection(tmp_path: Path) -> None:
+    engine = db.open_engine(f"sqlite:///{tmp_path / 'w.db'}")
+    writer = db.PinnedWriter(engine)
+    try:
+        Registry.open(engine)
+        with writer.transaction() as conn:
+            first = conn
+        first.invalidate()
+        with writer.transaction() as conn:
+            assert conn is not first
+            _insert_epoch(conn, "after")
+        assert _epochs(engine) == ["after"]
+    finally:
+        writer.close()
+        engine.dispose()
+
+
+def test_a_dropped_pinned_writer_gives_its_connection_back(tmp_path: Path) -> None:
+    engine = db.open_engine(f"sqlite:///{tmp_path / 'w.db'}")
+    try:
+        writer = db.PinnedWriter(engine)
+        with writer.transaction():
+            pass
+        assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]
+        del writer
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_pinned_writer_on_postgresql_takes_a_pooled_connection_each_time(pg_url: str) -> None:
+    engine = db.open_engine(pg_url)
+    writer = db.PinnedWriter(engine)
+    try:
+        Registry.open(engine)
+        with writer.transaction() as conn:
+            _insert_epoch(conn, "pg")
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        assert _epochs(engine) == ["pg"]
+    finally:
+        writer.close()
+        engine.dispose()
+
+
 # --- SnapshotCache ---------------------------------------------------------------------------
 
 
