@@ -181,7 +181,12 @@ class MqttClient:
         self._client.on_message = self._handle_message
         self._client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         self._client.max_queued_messages_set(max_queued)
-        self._client.max_inflight_messages_set(100)
+        # No cap on QoS 1 messages awaiting their PUBACK. With a cap, paho walks every message
+        # it holds at each PUBACK, looking for queued ones to send: work that grows with the
+        # messages in flight, several per attesting device (~1 % of the gateway's rate at 16
+        # devices in flight, within the bench's noise). A cap would not bound memory either:
+        # beyond it paho queues without limit (max_queued 0). The devices' rate limits do.
+        self._client.max_inflight_messages_set(0)
 
     @property
     def connected(self) -> bool:
