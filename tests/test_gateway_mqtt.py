@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 import uuid
 
 from gateway.broker import Broker
@@ -106,5 +107,30 @@ def test_packets_read_together_are_all_delivered_at_once(broker: Broker) -> None
         assert got == payloads
     finally:
         release.set()
+        publisher.stop()
+        subscriber.stop()
+
+
+def test_a_publish_from_another_thread_leaves_at_once(broker: Broker) -> None:
+    """Packets queued on paho's network thread do not wake its select(); one queued on any
+    other thread still does: with an idle connection each round trip takes milliseconds, not
+    the loop's one-second select timeout."""
+    prefix = f"t-{uuid.uuid4().hex[:8]}"
+    received: queue.Queue[float] = queue.Queue()
+    subscriber = _client(
+        broker,
+        subscriptions=(f"{prefix}/ping",),
+        on_message=lambda _t, _p: received.put(time.monotonic()),
+    )
+    subscriber.start()
+    publisher = _client(broker)
+    publisher.start()
+    try:
+        for _ in range(10):
+            time.sleep(0.05)  # both loops idle in select()
+            sent = time.monotonic()
+            publisher.publish(f"{prefix}/ping", b"x")
+            assert received.get(timeout=WAIT_S) - sent < 0.5
+    finally:
         publisher.stop()
         subscriber.stop()
