@@ -109,62 +109,61 @@ def _epochs(engine: Engine) -> list[str]:
         return [row[0] for row in conn.execute(sa.text("SELECT product FROM epochs"))]
 
 
-def test_pinned_writer_keeps_one_connection_and_commits(tmp_path: Path) -> None:
+@pytest.fixture
+def pinned(tmp_path: Path) -> Iterator[tuple[Engine, db.PinnedWriter]]:
+    """A registry database on SQLite and a pinned writer on it."""
     engine = db.open_engine(f"sqlite:///{tmp_path / 'w.db'}")
     writer = db.PinnedWriter(engine)
     try:
         Registry.open(engine)
-        drivers = []
-        for product in ("a", "b"):
-            with writer.transaction() as conn:
-                drivers.append(conn.connection.driver_connection)
-                _insert_epoch(conn, product)
-        assert drivers[0] is drivers[1]
-        assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]
-        assert sorted(_epochs(engine)) == ["a", "b"]
-        writer.close()
-        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        yield engine, writer
     finally:
         writer.close()
         engine.dispose()
 
 
-def test_pinned_writer_rolls_back_and_goes_on(tmp_path: Path) -> None:
-    engine = db.open_engine(f"sqlite:///{tmp_path / 'w.db'}")
-    writer = db.PinnedWriter(engine)
-    try:
-        Registry.open(engine)
-
-        def fail_midway() -> None:
-            with writer.transaction() as conn:
-                _insert_epoch(conn, "lost")
-                raise RuntimeError("fails mid-transaction")
-
-        with pytest.raises(RuntimeError):
-            fail_midway()
+def test_pinned_writer_keeps_one_connection_and_commits(
+    pinned: tuple[Engine, db.PinnedWriter],
+) -> None:
+    engine, writer = pinned
+    drivers = []
+    for product in ("a", "b"):
         with writer.transaction() as conn:
-            _insert_epoch(conn, "kept")
-        assert _epochs(engine) == ["kept"]
-    finally:
-        writer.close()
-        engine.dispose()
+            drivers.append(conn.connection.driver_connection)
+            _insert_epoch(conn, product)
+    assert drivers[0] is drivers[1]
+    assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]
+    assert sorted(_epochs(engine)) == ["a", "b"]
+    writer.close()
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
-def test_pinned_writer_replaces_an_invalidated_connection(tmp_path: Path) -> None:
-    engine = db.open_engine(f"sqlite:///{tmp_path / 'w.db'}")
-    writer = db.PinnedWriter(engine)
-    try:
-        Registry.open(engine)
+def test_pinned_writer_rolls_back_and_goes_on(pinned: tuple[Engine, db.PinnedWriter]) -> None:
+    engine, writer = pinned
+
+    def fail_midway() -> None:
         with writer.transaction() as conn:
-            first = conn
-        first.invalidate()
-        with writer.transaction() as conn:
-            assert conn is not first
-            _insert_epoch(conn, "after")
-        assert _epochs(engine) == ["after"]
-    finally:
-        writer.close()
-        engine.dispose()
+            _insert_epoch(conn, "lost")
+            raise RuntimeError("fails mid-transaction")
+
+    with pytest.raises(RuntimeError):
+        fail_midway()
+    with writer.transaction() as conn:
+        _insert_epoch(conn, "kept")
+    assert _epochs(engine) == ["kept"]
+
+
+def test_pinned_writer_replaces_an_invalidated_connection(
+    pinned: tuple[Engine, db.PinnedWriter],
+) -> None:
+    engine, writer = pinned
+    with writer.transaction() as conn:
+        first = conn
+    first.invalidate()
+    with writer.transaction() as conn:
+        assert conn is not first
+        _insert_epoch(conn, "after")
+    assert _epochs(engine) == ["after"]
 
 
 def test_a_dropped_pinned_writer_gives_its_connection_back(tmp_path: Path) -> None:
