@@ -79,7 +79,7 @@ class Settings:
     warmup: int = 2000
     measured: int = 2000
     concurrency: int = 16
-    profile_total: int = 1000
+    profile_total: int = 4000
     #: ``serve --state-refresh``. 0: every verdict publishes the device's retained state, as in a
     #: fleet re-attesting less often than once a minute; here each device re-attests every few
     #: seconds, and the gateway's default (60 s) would skip most of those publishes.
