@@ -263,11 +263,11 @@ class Ledger:
         ``conn`` must be a write transaction on this ledger's engine that holds the ledger lock
         (``db.write_transaction(engine, lock_key=LEDGER_LOCK_KEY)``, or ``db.take_write_lock``
         inside ``db.PinnedWriter.transaction``): the lock (``BEGIN IMMEDIATE`` on SQLite, the
-        advisory lock on PostgreSQL) serializes every writer, so the head read here, once per call, is the head
-        of the one chain every process shares. A caller that knows the head under that lock
-        (``gateway.hotcache``) passes it as ``head`` and none is read; a stale one would clash
-        on the next sequence number, the primary key, and roll the transaction back. The entries
-        are committed (or rolled back) with the caller's transaction.
+        advisory lock on PostgreSQL) serializes every writer, so the head read here, once per
+        call, is the head of the one chain every process shares. A caller that knows the head
+        under that lock (``gateway.hotcache``) passes it as ``head`` and none is read; a stale
+        one would clash on the next sequence number, the primary key, and roll the transaction
+        back. The entries are committed (or rolled back) with the caller's transaction.
 
         Raises:
             ValueError: a body is not canonical CBOR, or too large.
