@@ -307,7 +307,14 @@ class Challenge(_CborMessage):
 
     def mac_input(self) -> bytes:
         """The bytes the gateway MACs: canonical CBOR [device, session, expires_s, nonce]."""
-        return cbor.dumps_ordered([self.device_id, self.session_id, self.expires_s, self.nonce])
+        return self.mac_input_of(self.device_id, self.session_id, self.expires_s, self.nonce)
+
+    @staticmethod
+    def mac_input_of(
+        device_id: DeviceId, session_id: SessionId, expires_s: int, nonce: bytes
+    ) -> bytes:
+        """``mac_input`` of a challenge not built yet (its MAC comes first)."""
+        return cbor.dumps_ordered([device_id, session_id, expires_s, nonce])
 
     def _body(self) -> dict[int, object]:
         return {

@@ -200,7 +200,11 @@ VerifierEvent = ChallengeIssued | Accepted | Rejected
 
 def challenge_mac(secret: bytes, challenge: messages.Challenge) -> bytes:
     """HMAC-SHA256 over the challenge's MAC input under the shared secret."""
-    return hmac.digest(secret, challenge.mac_input(), "sha256")
+    return _mac(secret, challenge.mac_input())
+
+
+def _mac(secret: bytes, mac_input: bytes) -> bytes:
+    return hmac.digest(secret, mac_input, "sha256")
 
 
 def may_release(appraisal: Appraisal) -> bool:
@@ -277,19 +281,16 @@ class VerifierSession:
         nonce = randomness(CHALLENGE_RANDOM_BYTES)
         if len(nonce) != CHALLENGE_RANDOM_BYTES:
             self._machine.violate(LocalProtocolError, "randomness returned the wrong size")
-        unsigned = messages.Challenge(
+        expires_s = now_s + self.config.challenge_ttl_s
+        mac_input = messages.Challenge.mac_input_of(
+            self.device_id, hello.session_id, expires_s, nonce
+        )
+        challenge = messages.Challenge(
             session_id=hello.session_id,
             device_id=self.device_id,
             nonce=nonce,
-            expires_s=now_s + self.config.challenge_ttl_s,
-            mac=bytes(32),
-        )
-        challenge = messages.Challenge(
-            session_id=unsigned.session_id,
-            device_id=unsigned.device_id,
-            nonce=unsigned.nonce,
-            expires_s=unsigned.expires_s,
-            mac=challenge_mac(self.config.secret, unsigned),
+            expires_s=expires_s,
+            mac=_mac(self.config.secret, mac_input),
         )
         return ChallengeIssued(payload=challenge.encode(), challenge=challenge)
 
