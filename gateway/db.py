@@ -123,8 +123,10 @@ class PinnedWriter:
     ``write_transaction`` takes a connection from the pool and gives it back for every
     transaction: on SQLite that costs ~20 us of SQLAlchemy pool and event work, as much as the
     hot path's own statements. On SQLite this keeps one connection out of the pool (one
-    transaction at a time, behind a lock) and begins each write transaction on it with
-    ``BEGIN IMMEDIATE``, as ``write_transaction`` does. A connection that SQLAlchemy invalidated
+    transaction at a time, behind a lock) and runs each write transaction's ``BEGIN IMMEDIATE``
+    and ``COMMIT`` (or ``ROLLBACK``) straight on the driver, as ``HotStatement`` runs the
+    statements. A statement run through SQLAlchemy inside (``conn.execute``) joins the
+    transaction, which then ends through SQLAlchemy. A connection that SQLAlchemy invalidated
     (the database failed underneath) is dropped and the next transaction opens a fresh one. On
     PostgreSQL it is ``write_transaction`` itself (whose pool pings a connection before use).
     """
@@ -149,8 +151,14 @@ class PinnedWriter:
             return
         with self._lock, _translated():
             conn = self._connection()
-            with conn.begin():
+            driver = _sqlite_driver(conn)
+            _on_driver(conn, driver, "BEGIN IMMEDIATE")
+            try:
                 yield conn
+            except BaseException:
+                _end_on_driver(conn, driver, commit=False)
+                raise
+            _end_on_driver(conn, driver, commit=True)
 
     def close(self) -> None:
         """Give the connection back to the pool (a later transaction takes one again)."""
@@ -163,7 +171,6 @@ class PinnedWriter:
             return conn
         self._drop()
         conn = self._engine.connect()
-        conn.execution_options(**{_OPTION_BEGIN: "BEGIN IMMEDIATE"})
         self._conn = conn
         # Back to the pool when the writer is dropped without close(), not left to the GC.
         self._finalizer = weakref.finalize(self, conn.close)
@@ -174,6 +181,47 @@ class PinnedWriter:
             self._finalizer()  # closes the connection once
             self._finalizer = None
         self._conn = None
+
+
+def _sqlite_driver(conn: Connection) -> sqlite3.Connection:
+    driver = conn.connection.driver_connection
+    if not isinstance(driver, sqlite3.Connection):
+        raise TypeError("expected a sqlite3 driver connection")
+    return driver
+
+
+def _on_driver(conn: Connection, driver: sqlite3.Connection, statement: str) -> None:
+    """Run ``statement`` (no parameters, no rows) straight on ``conn``'s driver connection, with
+    driver errors wrapped as SQLAlchemy would (a busy timeout, ...)."""
+    try:
+        cursor = driver.cursor()
+        _announce(conn, cursor, statement, (), many=False)
+        cursor.execute(statement)
+        cursor.close()
+    except sqlite3.Error as err:
+        raise exc.DBAPIError.instance(statement, None, err, sqlite3.Error) from err
+
+
+def _end_on_driver(conn: Connection, driver: sqlite3.Connection, *, commit: bool) -> None:
+    """Commit or roll back a transaction a ``PinnedWriter`` began on the driver; through
+    SQLAlchemy when a statement run through it joined (SQLAlchemy then holds it as begun)."""
+    if conn.in_transaction():
+        if commit:
+            conn.commit()
+        else:
+            conn.rollback()
+        return
+    if not driver.in_transaction:  # SQLite ended it itself (some errors roll back)
+        return
+    if not commit:
+        _on_driver(conn, driver, "ROLLBACK")
+        return
+    try:
+        _on_driver(conn, driver, "COMMIT")
+    except BaseException:
+        if driver.in_transaction:
+            _on_driver(conn, driver, "ROLLBACK")
+        raise
 
 
 def take_write_lock(conn: Connection, lock_key: int) -> None:
@@ -226,9 +274,7 @@ def change_mark(conn: Connection) -> ChangeMark | None:
     """
     if not is_sqlite_connection(conn):
         return None
-    driver = conn.connection.driver_connection
-    if not isinstance(driver, sqlite3.Connection):
-        raise TypeError("change_mark: expected a sqlite3 driver connection")
+    driver = _sqlite_driver(conn)
     cursor = driver.cursor()
     _announce(conn, cursor, _DATA_VERSION, (), many=False)
     try:
@@ -404,15 +450,10 @@ def _sqlite_on_begin(conn: Connection) -> None:
     """Emit our own BEGIN (IMMEDIATE for write transactions), straight on the driver's
     connection: a BEGIN needs no result, parameters or statement events, and SQLAlchemy's
     execution path would cost more than the BEGIN itself."""
-    statement = conn.get_execution_options().get(_OPTION_BEGIN, "BEGIN")
-    driver = conn.connection.driver_connection
-    try:
-        cursor = driver.cursor()  # type: ignore[union-attr]
-        _announce(conn, cursor, statement, (), many=False)
-        cursor.execute(statement)
-        cursor.close()
-    except sqlite3.Error as err:  # as SQLAlchemy would have wrapped it (a busy timeout, ...)
-        raise exc.DBAPIError.instance(statement, None, err, sqlite3.Error) from err
+    driver = _sqlite_driver(conn)
+    if driver.in_transaction:  # begun by a PinnedWriter: SQLAlchemy joins it
+        return
+    _on_driver(conn, driver, conn.get_execution_options().get(_OPTION_BEGIN, "BEGIN"))
 
 
 def _postgres_engine(url: URL) -> Engine:
@@ -510,9 +551,7 @@ class HotStatement:
     def _run(
         conn: Connection, sql: str, values: list[tuple[object, ...]], *, many: bool
     ) -> sqlite3.Cursor:
-        driver = conn.connection.driver_connection
-        if not isinstance(driver, sqlite3.Connection):
-            raise TypeError("HotStatement: expected a sqlite3 driver connection")
+        driver = _sqlite_driver(conn)
         cursor = driver.cursor()
         _announce(conn, cursor, sql, values, many=many)
         try:

@@ -22,7 +22,7 @@ from gateway import db
 from gateway.hooks import RegistryHooks
 from gateway.hotcache import SnapshotCache
 from gateway.ledger import Ledger, LedgerHead, LedgerKind
-from gateway.registry import Registry
+from gateway.registry import ChallengeReplayed, Registry
 from protocol import cbor
 from protocol.reasons import ReasonCode
 from protocol.verifier import Accepted, Rejected
@@ -151,6 +151,33 @@ def test_pinned_writer_rolls_back_and_goes_on(pinned: tuple[Engine, db.PinnedWri
     with writer.transaction() as conn:
         _insert_epoch(conn, "kept")
     assert _epochs(engine) == ["kept"]
+
+
+def test_pinned_writer_rolls_back_driver_level_statements(
+    pinned: tuple[Engine, db.PinnedWriter],
+) -> None:
+    """Statements run straight on the driver (the hot path's) are rolled back with the rest of
+    a failed transaction, and the writer goes on."""
+    engine, writer = pinned
+
+    def consume(conn: sa.Connection, nonce: bytes) -> None:
+        Registry.consume_challenge_in(conn, nonce, device=DEVICE, expires_s=10, now_s=1)
+
+    with writer.transaction() as conn:
+        consume(conn, b"a" * 32)
+
+    def replay_after_another() -> None:
+        with writer.transaction() as conn:
+            consume(conn, b"b" * 32)
+            consume(conn, b"a" * 32)
+
+    with pytest.raises(ChallengeReplayed):
+        replay_after_another()
+    with writer.transaction() as conn:
+        consume(conn, b"c" * 32)
+    with engine.connect() as conn:
+        used = conn.execute(sa.text("SELECT challenge_id FROM used_challenges")).scalars()
+        assert sorted(used) == [b"a" * 32, b"c" * 32]
 
 
 def test_pinned_writer_replaces_an_invalidated_connection(
