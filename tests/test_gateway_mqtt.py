@@ -134,3 +134,26 @@ def test_a_publish_from_another_thread_leaves_at_once(broker: Broker) -> None:
     finally:
         publisher.stop()
         subscriber.stop()
+
+
+def test_qos1_publishes_are_acknowledged_and_leave_flight(broker: Broker) -> None:
+    """Each QoS 1 publish is marked published when its PUBACK arrives (the adapter reads MQTT
+    3.1.1 PUBACKs itself), and nothing stays in flight."""
+    prefix = f"t-{uuid.uuid4().hex[:8]}"
+    received: queue.Queue[bytes] = queue.Queue()
+    subscriber = _client(
+        broker, subscriptions=(f"{prefix}/acked",), on_message=lambda _t, p: received.put(p)
+    )
+    subscriber.start()
+    publisher = _client(broker)
+    publisher.start()
+    try:
+        payloads = [index.to_bytes(2, "big") for index in range(200)]
+        for payload in payloads:
+            publisher.publish_and_wait(f"{prefix}/acked", payload, qos=1, timeout_s=WAIT_S)
+        assert [received.get(timeout=WAIT_S) for _ in payloads] == payloads
+        assert publisher._client._inflight_messages == 0
+        assert publisher._client._out_messages == {}
+    finally:
+        publisher.stop()
+        subscriber.stop()
