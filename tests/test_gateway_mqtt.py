@@ -6,9 +6,11 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from gateway.broker import Broker
-from gateway.mqtt import MqttClient, parse_broker_url
+from gateway.mqtt import MessageCallback, MqttClient, parse_broker_url
 
 WAIT_S = 20.0
 
@@ -19,6 +21,21 @@ def _client(broker: Broker, **kwargs: object) -> MqttClient:
         client_id=f"edgeseal-test-{uuid.uuid4().hex[:8]}",
         **kwargs,  # type: ignore[arg-type]
     )
+
+
+@contextmanager
+def _publisher_to(broker: Broker, topic: str, on_message: MessageCallback) -> Iterator[MqttClient]:
+    """A started publisher, with a started subscriber to ``topic`` calling ``on_message``;
+    both stopped at the end."""
+    subscriber = _client(broker, subscriptions=(topic,), on_message=on_message)
+    subscriber.start()
+    publisher = _client(broker)
+    publisher.start()
+    try:
+        yield publisher
+    finally:
+        publisher.stop()
+        subscriber.stop()
 
 
 def test_replies_published_in_a_callback_arrive_in_order(broker: Broker) -> None:
@@ -57,14 +74,8 @@ def test_a_burst_larger_than_the_socket_buffer_arrives_whole(broker: Broker) -> 
     prefix = f"t-{uuid.uuid4().hex[:8]}"
     count, size = 120, 64 << 10
     received: queue.Queue[bytes] = queue.Queue()
-    subscriber = _client(
-        broker, subscriptions=(f"{prefix}/burst",), on_message=lambda _t, p: received.put(p)
-    )
-    subscriber.start()
-    publisher = _client(broker)
-    publisher.start()
     payloads = [index.to_bytes(4, "big") * (size // 4) for index in range(count)]
-    try:
+    with _publisher_to(broker, f"{prefix}/burst", lambda _t, p: received.put(p)) as publisher:
 
         def send_all() -> None:
             for payload in payloads:
@@ -75,9 +86,6 @@ def test_a_burst_larger_than_the_socket_buffer_arrives_whole(broker: Broker) -> 
         sender.join(WAIT_S)
         got = [received.get(timeout=WAIT_S) for _ in range(count)]
         assert got == payloads
-    finally:
-        publisher.stop()
-        subscriber.stop()
 
 
 def test_packets_read_together_are_all_delivered_at_once(broker: Broker) -> None:
@@ -92,23 +100,18 @@ def test_packets_read_together_are_all_delivered_at_once(broker: Broker) -> None
         release.wait(WAIT_S)  # the first message holds the network thread until all are sent
         received.put(payload)
 
-    subscriber = _client(broker, subscriptions=(f"{prefix}/pile",), on_message=on_message)
-    subscriber.start()
-    publisher = _client(broker)
-    publisher.start()
     sizes = [1 + (index * 7919) % 3000 for index in range(300)]
     sizes[100] = sizes[200] = 70_000
     payloads = [index.to_bytes(2, "big") * (size // 2 + 1) for index, size in enumerate(sizes)]
     try:
-        for payload in payloads:
-            publisher.publish_and_wait(f"{prefix}/pile", payload, qos=0)
-        release.set()
-        got = [received.get(timeout=5.0) for _ in payloads]
-        assert got == payloads
+        with _publisher_to(broker, f"{prefix}/pile", on_message) as publisher:
+            for payload in payloads:
+                publisher.publish_and_wait(f"{prefix}/pile", payload, qos=0)
+            release.set()
+            got = [received.get(timeout=5.0) for _ in payloads]
+            assert got == payloads
     finally:
         release.set()
-        publisher.stop()
-        subscriber.stop()
 
 
 def test_a_publish_from_another_thread_leaves_at_once(broker: Broker) -> None:
@@ -117,23 +120,16 @@ def test_a_publish_from_another_thread_leaves_at_once(broker: Broker) -> None:
     the loop's one-second select timeout."""
     prefix = f"t-{uuid.uuid4().hex[:8]}"
     received: queue.Queue[float] = queue.Queue()
-    subscriber = _client(
-        broker,
-        subscriptions=(f"{prefix}/ping",),
-        on_message=lambda _t, _p: received.put(time.monotonic()),
-    )
-    subscriber.start()
-    publisher = _client(broker)
-    publisher.start()
-    try:
+
+    def arrived(_topic: str, _payload: bytes) -> None:
+        received.put(time.monotonic())
+
+    with _publisher_to(broker, f"{prefix}/ping", arrived) as publisher:
         for _ in range(10):
             time.sleep(0.05)  # both loops idle in select()
             sent = time.monotonic()
             publisher.publish(f"{prefix}/ping", b"x")
             assert received.get(timeout=WAIT_S) - sent < 0.5
-    finally:
-        publisher.stop()
-        subscriber.stop()
 
 
 def test_qos1_publishes_are_acknowledged_and_leave_flight(broker: Broker) -> None:
@@ -141,19 +137,10 @@ def test_qos1_publishes_are_acknowledged_and_leave_flight(broker: Broker) -> Non
     3.1.1 PUBACKs itself), and nothing stays in flight."""
     prefix = f"t-{uuid.uuid4().hex[:8]}"
     received: queue.Queue[bytes] = queue.Queue()
-    subscriber = _client(
-        broker, subscriptions=(f"{prefix}/acked",), on_message=lambda _t, p: received.put(p)
-    )
-    subscriber.start()
-    publisher = _client(broker)
-    publisher.start()
-    try:
-        payloads = [index.to_bytes(2, "big") for index in range(200)]
+    payloads = [index.to_bytes(2, "big") for index in range(200)]
+    with _publisher_to(broker, f"{prefix}/acked", lambda _t, p: received.put(p)) as publisher:
         for payload in payloads:
             publisher.publish_and_wait(f"{prefix}/acked", payload, qos=1, timeout_s=WAIT_S)
         assert [received.get(timeout=WAIT_S) for _ in payloads] == payloads
         assert publisher._client._inflight_messages == 0
         assert publisher._client._out_messages == {}
-    finally:
-        publisher.stop()
-        subscriber.stop()
